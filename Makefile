@@ -1,0 +1,33 @@
+# Each target sets up its own virtual environment first (torch's CPU build before anything else,
+# so no CUDA build is ever pulled in), then runs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(VENV)/bin/openllama demo --out runs/demo
+
+bench: $(STAMP)
+	$(PY) bench/data_bench.py
+	$(PY) bench/train_bench.py
+	$(PY) bench/generate_bench.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

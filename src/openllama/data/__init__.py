@@ -1,0 +1,1 @@
+"""Data stages: read corpora, clean, shard, verify, tokenise, pack; chat and preference data."""

@@ -1,0 +1,303 @@
+"""The Llama model in one readable file.
+
+Llama as in the paper: pre-norm RMSNorm, rotary position embeddings (RoPE), SwiGLU feed-forward,
+grouped-query attention, no biases. Attention runs through `F.scaled_dot_product_attention`, which
+picks the fused flash / memory-efficient kernels on GPU. Two options from the seed project:
+`stable_embedding` (a LayerNorm after the token embedding) and `tie_embeddings` (the output
+projection reuses the embedding matrix).
+
+Layout and numerics follow `transformers.LlamaForCausalLM` (the half-split RoPE convention, float32
+RMSNorm), so conversion in `hf.py` is a renaming of tensors and the logits are equal.
+
+Packed sequences: pass `doc_ids` (B, T) and attention stays inside each document (block-diagonal
+causal mask) while positions restart at 0 for every document.
+
+Inference: `KVCache` holds keys and values for prefill + cached decode (`start_pos`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "openllama.json"  # marks a directory as an openllama model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as transformers does), then scale in the input dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer `positions` of shape (B, T) -> each (B, 1, T, head_dim), float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document: restarts at 0 where `doc_ids` changes. (B, T)."""
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx))
+    start_idx = torch.cummax(start_idx, dim=1).values
+    return idx - start_idx
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask: token i sees token j iff j <= i and both are in the same document."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (B, n_kv_heads, max_len, head_dim) each."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start_pos: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, start_pos, k, v)
+        is_causal = mask is None and T > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.ffn_hidden_dim
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def forward(self, x, cos, sin, mask, cache, start_pos):
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embedding_norm = nn.LayerNorm(cfg.dim) if cfg.stable_embedding else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # -- init ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix; residual output projections scaled by
+        1/sqrt(2 * n_layers) (GPT-2) so the residual stream does not grow with depth."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if p.dim() == 2:
+                scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, nn.LayerNorm)) and m.weight.device.type != "meta":
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, start_pos: int = 0, return_hidden: bool = False) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) (or final hidden states with `return_hidden`).
+
+        doc_ids:   (B, T) document index per token for packed sequences (no cross-document attention).
+        positions: (B, T) explicit positions (e.g. left-padded generation); default start_pos + arange.
+        attn_mask: explicit boolean mask (B, 1, T, S), True = may attend; overrides the default causal one.
+        cache/start_pos: KV cache for incremental decoding; `tokens` are positions start_pos.. of the sequence.
+        """
+        B, T = tokens.shape
+        mask = attn_mask
+        if doc_ids is not None:
+            if positions is None:
+                positions = positions_from_doc_ids(doc_ids)
+            if mask is None:
+                mask = document_causal_mask(doc_ids)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + T, device=tokens.device).expand(B, T)
+        if mask is None and cache is not None and start_pos > 0 and T > 1:
+            # chunked prefill: causal within the chunk, full view of what is already cached
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+        h = self.tok_embeddings(tokens)
+        if self.embedding_norm is not None:
+            h = self.embedding_norm(h)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, start_pos)
+        h = self.norm(h)
+        return h if return_hidden else self.output(h)
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights counted once
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters from the config alone (equal to `Llama(cfg).num_params()`)."""
+    d, L, V = cfg.dim, cfg.n_layers, cfg.vocab_size
+    attn = d * cfg.n_heads * cfg.head_dim * 2 + d * cfg.kv_heads * cfg.head_dim * 2
+    ffn = 3 * d * cfg.ffn_hidden_dim
+    per_layer = attn + ffn + 2 * d
+    emb = V * d
+    out = 0 if cfg.tie_embeddings else V * d
+    stable = 2 * d if cfg.stable_embedding else 0
+    return L * per_layer + emb + out + stable + d
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward), the PaLM appendix-B formula:
+    6 * (matmul parameters, including the output projection, excluding the embedding lookup)
+    + 12 * n_layers * dim * seq_len for the attention scores and values."""
+    T = seq_len or cfg.max_seq_len
+    d, L = cfg.dim, cfg.n_layers
+    matmul_params = count_params(cfg) - cfg.vocab_size * d * (0 if cfg.tie_embeddings else 1)
+    # with tied embeddings the one matrix is used as the output matmul; the lookup itself is free
+    matmul_params -= (2 * d if cfg.stable_embedding else 0) + d + L * 2 * d  # norms: no matmul
+    return 6.0 * matmul_params + 12.0 * L * d * T
+
+
+# -- our own model directory: openllama.json + model.safetensors -------------------------------
+
+
+def save_model(model: Llama, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write an openllama model directory (config + safetensors weights); tied weights stored once."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("output.weight", None)
+    save_file(state, str(directory / MODEL_FILE))
+    meta = {"format": "openllama", "version": 1, "model": model.cfg.model_dump(mode="json")}
+    if extra:
+        meta.update(extra)
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
+    """Load an openllama model directory written by `save_model`."""
+    from safetensors.torch import load_file
+
+    from .errors import UserError
+
+    directory = Path(directory)
+    meta_path = directory / CONFIG_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{directory}: not an openllama model directory (no {CONFIG_FILE})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    cfg = ModelConfig.model_validate(meta["model"])
+    with torch.device("meta"):
+        model = Llama(cfg)
+    state = load_file(str(directory / MODEL_FILE), device=str(device))
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device)

@@ -1,0 +1,1 @@
+"""Serving: OpenAI-compatible HTTP API, Gradio chat UI, terminal chat."""

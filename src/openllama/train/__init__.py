@@ -1,0 +1,1 @@
+"""The one training engine and the objectives that plug into it."""
