@@ -473,8 +473,8 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike], out_dir: str | Path, vo
     if vocab_size < 256 + 4 + len(role_tokens) + 1:
         raise UserError(f"vocab size {vocab_size} is too small: byte fallback alone needs "
                         f"{256 + 4 + len(role_tokens)} ids; use at least 512")
-    if not 0.5 <= character_coverage <= 1.0:
-        raise UserError(f"character coverage {character_coverage} must be within [0.5, 1]")
+    if not 0.98 <= character_coverage <= 1.0:  # SentencePiece BPE rejects less than 0.98
+        raise UserError(f"character coverage {character_coverage} must be within [0.98, 1]")
     if sample_bytes <= 0:
         raise UserError(f"sample size {sample_bytes} must be positive")
     sources: list[str] = []
