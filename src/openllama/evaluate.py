@@ -1,0 +1,111 @@
+"""Evaluation of a language model on held-out token shards: mean token loss and bits per byte.
+
+Bits per byte makes models with different tokenizers comparable: the total negative log-likelihood
+of a text in bits divided by its UTF-8 size. From a mean loss in nats per predicted token,
+    bits_per_byte = loss / ln(2) * tokens_per_byte,
+where tokens_per_byte = (num_tokens - num_docs) / num_bytes from the shards' manifest (each stored
+document `[bos] + ids + [eos]` gives len - 1 predictions: its ids and the eos). On a subset of the
+windows this is an estimate of the corpus figure.
+
+`openllama evaluate --model DIR --data TOKENS_DIR` prints the results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data.packing import IGNORE_INDEX, TokenCorpus, eval_batches
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over positions whose label is not IGNORE_INDEX, computed in float32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+@torch.no_grad()
+def language_model_loss(model: torch.nn.Module, batches, device: torch.device | str | None = None) -> tuple[float, int]:
+    """(mean loss in nats per predicted token, number of predicted tokens) over `batches`."""
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+        logits = model(tokens, doc_ids=batch["doc_ids"].to(device))
+        total += float(token_cross_entropy(logits, labels, reduction="sum"))
+        count += int((labels != IGNORE_INDEX).sum())
+    return (total / count if count else float("nan")), count
+
+
+def bits_per_byte(loss_nats: float, tokens_per_byte: float) -> float:
+    return loss_nats / math.log(2) * tokens_per_byte
+
+
+def evaluate_corpus(model: torch.nn.Module, corpus: TokenCorpus, seq_len: int, batch_size: int,
+                    max_batches: int | None = None) -> dict[str, float]:
+    """Loss, perplexity and bits per byte on the first `max_batches` windows of a held-out corpus."""
+    was_training = model.training
+    model.eval()
+    loss, count = language_model_loss(model, eval_batches(corpus, seq_len, batch_size, max_batches))
+    model.train(was_training)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bits_per_byte(loss, corpus.tokens_per_byte),
+            "tokens": float(count)}
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="an openllama model directory (a checkpoint's model/)")
+    parser.add_argument("--data", default=None, help="a token-shard directory (held-out text)")
+    parser.add_argument("--tasks", default=None,
+                        help="a task file (JSON lines of messages + answer, e.g. the built-in tasks/test.jsonl): "
+                             "greedy exact-match accuracy in the chat format with a 95%% interval, and reply loss")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit for --tasks")
+    parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    parser.add_argument("--out", default=None, help="also write the JSON results to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .model import load_model
+
+    if not args.data and not args.tasks:
+        raise UserError("evaluate: give --data (held-out token shards) and/or --tasks (a task file)")
+    model = load_model(args.model)
+    results = {"model": str(args.model)}
+    if args.data:
+        corpus = TokenCorpus(args.data)
+        vocab = corpus.manifest.get("tokenizer", {}).get("vocab_size")
+        if vocab is not None and vocab > model.cfg.vocab_size:
+            raise UserError(f"{args.data}: tokenizer vocab_size {vocab} is larger than the model's {model.cfg.vocab_size}")
+        seq_len = args.seq_len or model.cfg.max_seq_len
+        results.update(data=str(args.data), seq_len=seq_len,
+                       **evaluate_corpus(model, corpus, seq_len, args.batch_size, args.max_batches))
+    if args.tasks:
+        from .model import find_tokenizer_dir
+        from .tasks import load_tasks, task_report
+        from .tokenizer import Tokenizer
+
+        tok_dir = find_tokenizer_dir(args.model)
+        if tok_dir is None:
+            raise UserError(f"{args.model}: --tasks needs the tokenizer files beside the model")
+        results["tasks"] = task_report(model, Tokenizer.load(tok_dir), load_tasks(args.tasks),
+                                       max_new_tokens=args.max_new_tokens)
+        results["tasks"]["file"] = str(args.tasks)
+    text = json.dumps(results, indent=2, ensure_ascii=False)
+    printed = {k: v for k, v in results.items() if k != "tasks"}
+    if args.tasks:  # the per-task answers go to --out only
+        printed["tasks"] = {k: v for k, v in results["tasks"].items() if k != "samples"}
+    print(json.dumps(printed, indent=2, ensure_ascii=False))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0

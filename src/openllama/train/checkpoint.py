@@ -1,0 +1,211 @@
+"""Atomic, resumable checkpoints.
+
+    RUN/checkpoints/step_0000100/
+        model/          an openllama model directory (save_model) + the tokenizer files: export,
+                        evaluate and generate read it as it is
+        state/          optimizer.pt, scheduler.pt, rng_rank{R}.pt (python, numpy, torch CPU + CUDA,
+                        one per rank), trainer.json (step, tokens seen, data position, objective state)
+        COMPLETE        written last
+    RUN/checkpoints/latest   text: the name of the newest complete step directory
+
+A checkpoint is assembled in `checkpoints/.tmp_step_...`, files fsynced, then renamed into place, and
+only then is `latest` replaced (temp file + rename). A directory without COMPLETE is never loaded, so a
+kill at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..model import CONFIG_FILE, save_model
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+STEP_RE = re.compile(r"^step_(\d{7,})$")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def copy_tokenizer_files(src: Path | None, dst: Path) -> list[str]:
+    """Copy the tokenizer files that exist in `src` into `dst`; returns their names."""
+    if src is None or not Path(src).is_dir():
+        return []
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints of one run. Every rank calls `save` (each writes its RNG state);
+    rank 0 writes everything else and publishes the directory. `barrier` synchronises ranks."""
+
+    def __init__(self, run_dir: str | Path, rank: int = 0, keep_last: int = 3, barrier=lambda: None,
+                 tokenizer_dir: Path | None = None):
+        self.root = Path(run_dir) / "checkpoints"
+        self.rank, self.keep_last, self.barrier = rank, keep_last, barrier
+        self.tokenizer_dir = tokenizer_dir
+
+    # -- save ----------------------------------------------------------------------------------
+
+    def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict,
+             extra_state: dict[str, object] | None = None) -> Path:
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f".tmp_{step_dir_name(step)}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "state").mkdir(parents=True)
+        self.barrier()
+        torch.save(rng_state(), tmp / "state" / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint
+            (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
+            copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
+            torch.save(optimizer.state_dict(), tmp / "state" / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "state" / "scheduler.pt")
+            for name, obj in (extra_state or {}).items():
+                torch.save(obj, tmp / "state" / f"{name}.pt")
+            (tmp / "state" / "trainer.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+        self.barrier()
+        if self.rank == 0:
+            (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
+            _fsync_tree(tmp)
+            if final.exists():  # a re-run of the same step after a resume: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            write_text_atomic(self.root / LATEST, final.name + "\n")
+            self._prune()
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete_steps()
+        for step in complete[:-self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
+        for stale in self.root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # -- find / load ---------------------------------------------------------------------------
+
+    def complete_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for p in self.root.iterdir():
+            m = STEP_RE.match(p.name)
+            if m and (p / COMPLETE).is_file():
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint: `latest` if it names a complete one, else the highest
+        complete step directory (the pointer may lag a kill between rename and pointer write)."""
+        steps = self.complete_steps()
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            named = self.root / pointer.read_text(encoding="utf-8").strip()
+            if (named / COMPLETE).is_file() and STEP_RE.match(named.name):
+                newest = max(steps) if steps else -1
+                if int(STEP_RE.match(named.name).group(1)) >= newest:
+                    return named
+        return self.root / step_dir_name(steps[-1]) if steps else None
+
+
+def check_model_matches(ckpt: Path, model_cfg) -> None:
+    """Resuming with another model shape is a user error, not a crash deep inside load_state_dict."""
+    meta = json.loads((ckpt / "model" / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
+    ours = model_cfg.model_dump(mode="json")
+    diff = [k for k in sorted(set(meta) | set(ours)) if meta.get(k) != ours.get(k)]
+    if diff:
+        shown = ", ".join(f"model.{k}: checkpoint {meta.get(k)!r} vs config {ours.get(k)!r}" for k in diff[:3])
+        raise UserError(f"{ckpt}: checkpoint was trained with a different model ({shown})")
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    from safetensors.torch import load_file
+
+    from ..model import MODEL_FILE
+
+    state = load_file(str(ckpt / "model" / MODEL_FILE), device="cpu")
+    if getattr(model.cfg, "tie_embeddings", False):
+        state["output.weight"] = state["tok_embeddings.weight"]
+    with torch.no_grad():
+        own = model.state_dict()
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+
+
+def load_state(ckpt: Path, name: str, map_location="cpu"):
+    # our own files (optimizer/scheduler/RNG state, including numpy RNG tuples): full unpickling
+    return torch.load(ckpt / "state" / f"{name}.pt", map_location=map_location, weights_only=False)
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "state" / "trainer.json").read_text(encoding="utf-8"))

@@ -1,0 +1,128 @@
+"""Run metrics: the JSONL log, throughput and MFU, peak FLOP/s of the device, loss-spike detection."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s (no sparsity) of common accelerators, matched by substring of the
+# device name (first match wins, so the more specific names come first).
+GPU_PEAK_BF16 = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12), ("A10", 125e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+]
+
+_CPU_PEAK: float | None = None
+
+
+def measure_cpu_matmul_peak(n: int = 1024, repeats: int = 3) -> float:
+    """float32 FLOP/s of a large torch.mm on this CPU (best of a few), measured once per process."""
+    global _CPU_PEAK
+    if _CPU_PEAK is None:
+        gen = torch.Generator().manual_seed(0)  # never the global RNG: resume must stay exact
+        a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+        torch.mm(a, b)  # warm up
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+        _CPU_PEAK = 2 * n ** 3 / best
+    return _CPU_PEAK
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak FLOP/s per device for MFU: a table by GPU name (bf16; float32 taken as half of it
+    on tensor-core parts is not assumed, so fp32 on GPU reports None), a measured matmul on CPU."""
+    if device.type == "cpu":
+        return measure_cpu_matmul_peak()
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16:
+            if key in name:
+                return value
+    return None
+
+
+class Throughput:
+    """Tokens/s over a sliding window of recent steps (skips the first, compile/warmup, step)."""
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.samples: list[tuple[float, int]] = []
+
+    def update(self, seconds: float, tokens: int) -> float:
+        self.samples.append((seconds, tokens))
+        self.samples = self.samples[-self.window:]
+        total_s = sum(s for s, _ in self.samples)
+        return sum(t for _, t in self.samples) / total_s if total_s > 0 else 0.0
+
+
+class SpikeDetector:
+    """A loss is a spike when it exceeds `factor` x the running mean of recent good losses."""
+
+    def __init__(self, factor: float = 2.0, warmup: int = 20, beta: float = 0.95):
+        self.factor, self.warmup, self.beta = factor, warmup, beta
+        self.ema: float | None = None
+        self.count = 0
+
+    def update(self, loss: float) -> bool:
+        spike = self.ema is not None and self.count >= self.warmup and loss > self.factor * self.ema
+        if not spike and math.isfinite(loss):
+            self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
+            self.count += 1
+        return spike
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line (`{"kind": "train"|"eval"|"event", "step": ...}`).
+    Lines are flushed as written, so a killed run keeps everything up to its last step."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._fh = open(self.path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self._fh is not None:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All complete records of a metrics.jsonl (a torn last line from a killed run is ignored)."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """On resume: drop records after the checkpoint's step (they will be recomputed), atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in keep:
+            fh.write(json.dumps(r) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

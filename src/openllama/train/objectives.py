@@ -1,0 +1,124 @@
+"""Objectives: what a batch holds and what its loss is. The loop itself is in engine.py.
+
+This module holds the pretraining objective (next-token cross-entropy over packed, document-masked
+windows of token shards). Later stages (sft, reward, dpo, grpo) add theirs beside it with the same
+shape: `train_batches(rank, world)`, `loss(model, batch)`, optionally `evaluate(model)`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from pydantic import Field, field_validator
+
+from ..config import Section
+from ..data.packing import PackedBatches, TokenCorpus
+from ..errors import UserError
+from ..evaluate import evaluate_corpus, token_cross_entropy
+
+
+class CorpusSource(Section):
+    path: str  # a token-shard directory (`openllama data tokenize`)
+    weight: float = Field(1.0, gt=0)  # mixing weight; shares are weight / sum(weights)
+
+
+class PretrainData(Section):
+    """Token shards to train on, with mixing weights, and the held-out text for evaluation:
+    `val` (a separate token-shard directory), or else the last documents of every training corpus
+    (`val_docs` each, or `val_fraction` of them), which training then never sees."""
+
+    train: list[CorpusSource] = []
+    val: str | None = None
+    val_docs: int | None = Field(None, gt=0)
+    val_fraction: float = Field(0.01, ge=0, lt=1)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _paths_as_sources(cls, value):
+        # `data.train=DIR` or a list of dirs is shorthand for weight 1 each
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+def tokenizer_dir_of(token_dir: str | Path) -> Path | None:
+    """Where the tokenizer files of a token-shard directory are: beside the shards, in a
+    `tokenizer/` subfolder, or at the path the manifest records."""
+    token_dir = Path(token_dir)
+    manifest = TokenCorpus(token_dir).manifest if (token_dir / "manifest.json").is_file() else {}
+    candidates = [token_dir, token_dir / "tokenizer"]
+    source = manifest.get("source")
+    recorded = source.get("tokenizer_dir") if isinstance(source, dict) else None
+    if recorded:  # recorded as given to `data tokenize`: absolute, or relative to where it ran
+        candidates += [Path(recorded), token_dir / recorded, token_dir.parent / recorded]
+    for c in candidates:
+        if (c / "tokenizer.json").is_file() or (c / "tokenizer.model").is_file():
+            return c
+    return None
+
+
+class PretrainObjective:
+    """Next-token prediction on packed windows; loss is the mean cross-entropy over the predicted
+    tokens of a micro-batch (labels that cross a document boundary are ignored)."""
+
+    def __init__(self, data: PretrainData, seq_len: int, micro_batch_size: int, seed: int = 0,
+                 eval_batches: int = 8, vocab_size: int | None = None):
+        if not data.train:
+            raise UserError("data.train: no token shards given (set data.train=DIR or a list of {path, weight})")
+        self.seq_len, self.micro_batch_size, self.seed, self.eval_batches = seq_len, micro_batch_size, seed, eval_batches
+        self.weights = [s.weight for s in data.train]
+        self.corpora: list[TokenCorpus] = []
+        self.val: list[TokenCorpus] = []
+        for i, source in enumerate(data.train):
+            full = TokenCorpus(source.path)
+            tok = full.manifest.get("tokenizer", {})
+            if vocab_size is not None and tok.get("vocab_size", 0) > vocab_size:
+                raise UserError(f"data.train[{i}].path: {source.path} was tokenized with vocab_size "
+                                f"{tok['vocab_size']}, larger than model.vocab_size {vocab_size}")
+            if i and tok.get("fingerprint") != self.corpora[0].manifest.get("tokenizer", {}).get("fingerprint"):
+                raise UserError(f"data.train[{i}].path: {source.path} uses another tokenizer than data.train[0]")
+            held = 0
+            if data.val is None:
+                if data.val_docs:
+                    held = data.val_docs
+                elif data.val_fraction:
+                    held = max(1, math.ceil(full.num_docs * data.val_fraction))
+                if held >= full.num_docs:
+                    raise UserError(f"data.train[{i}].path: holding out {held} of {full.num_docs} documents leaves "
+                                    f"nothing to train on (lower data.val_docs / data.val_fraction)")
+            self.corpora.append(TokenCorpus(source.path, (0, full.num_docs - held)) if held else full)
+            if held:
+                self.val.append(TokenCorpus(source.path, (full.num_docs - held, full.num_docs)))
+        if data.val is not None:
+            self.val = [TokenCorpus(data.val)]
+        for corpus in self.val:
+            if corpus.num_tokens < seq_len + 1:
+                raise UserError(f"{corpus.path}: held-out part has {corpus.num_tokens} tokens, fewer than one window of "
+                                f"train.seq_len {seq_len} + 1 (raise data.val_docs or give data.val)")
+        self.tokenizer_dir = tokenizer_dir_of(data.train[0].path)
+
+    def train_batches(self, rank: int, world: int) -> PackedBatches:
+        return PackedBatches(self.corpora, self.weights, self.seq_len, self.micro_batch_size, self.seed, rank, world)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]):
+        logits = model(batch["tokens"], doc_ids=batch["doc_ids"])
+        return token_cross_entropy(logits, batch["labels"]), {}, batch["tokens"].numel()
+
+    def evaluate(self, model) -> dict[str, float]:
+        """Validation loss and bits per byte, weighted over the held-out corpora by mixing weight."""
+        if not self.val:
+            return {}
+        out: dict[str, float] = {}
+        results = [evaluate_corpus(model, c, self.seq_len, self.micro_batch_size, self.eval_batches) for c in self.val]
+        weights = self.weights if len(results) == len(self.weights) else [1.0] * len(results)
+        total = sum(weights)
+        for key in ("loss", "bits_per_byte"):
+            out[f"val_{key}"] = sum(w * r[key] for w, r in zip(weights, results)) / total
+        if len(results) > 1:
+            for i, r in enumerate(results):
+                out[f"val_loss_{i}"], out[f"val_bits_per_byte_{i}"] = r["loss"], r["bits_per_byte"]
+        return out

@@ -1,0 +1,75 @@
+"""`openllama plot RUN_DIR`: loss and throughput curves of a run as PNG, from its metrics.jsonl.
+
+Writes RUN_DIR/plots/loss.png (training loss per step, with validation loss where evaluated) and
+RUN_DIR/plots/throughput.png (tokens/s per step, and MFU where known).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+from .metrics import read_metrics
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: no metrics (is {run_dir} a run directory?)")
+    records = read_metrics(path)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
+    if not train:
+        raise UserError(f"{path}: no training steps recorded yet")
+    out = Path(out_dir) if out_dir else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [r["step"] for r in train]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in train], lw=1, label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    loss_png = out / "loss.png"
+    fig.savefig(loss_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r.get("tokens_per_s") or 0 for r in train], lw=1, color="tab:green")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens/s")
+    ax.grid(alpha=0.3)
+    mfu = [(r["step"], 100 * r["mfu"]) for r in train if r.get("mfu") is not None]
+    if mfu:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*mfu), lw=1, color="tab:orange", alpha=0.6)
+        ax2.set_ylabel("MFU (%)")
+    ax.set_title(f"{run_dir.name}: throughput")
+    fig.tight_layout()
+    tput_png = out / "throughput.png"
+    fig.savefig(tput_png, dpi=120)
+    plt.close(fig)
+    return [loss_png, tput_png]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory with metrics.jsonl")
+    parser.add_argument("--out", default=None, help="where the PNGs go (default: RUN_DIR/plots)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0

@@ -1,0 +1,279 @@
+"""The training engine: schedules, optimizer groups, a falling loss, checkpoints, the divergence guard,
+evaluation, trackers and plots. In-process runs on a tiny model (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_packing import write_token_shards
+
+from openllama import cli
+from openllama.config import build
+from openllama.errors import UserError
+from openllama.model import Llama, load_model
+from openllama.train import checkpoint as ckpt
+from openllama.train.engine import TrainingDiverged, param_groups
+from openllama.train.metrics import read_metrics
+from openllama.train.objectives import PretrainObjective
+from openllama.train.pretrain import PretrainConfig, pretrain
+from openllama.train.schedule import lr_multiplier
+
+VOCAB = 64
+
+
+def learnable_docs(n: int, seed: int = 0) -> list[list[int]]:
+    """Arithmetic progressions mod the vocabulary: a model can learn them, so the loss must fall."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        start, stride, length = int(rng.integers(0, VOCAB - 3)), 1 + i % 4, int(rng.integers(20, 60))
+        docs.append([3 + (start + j * stride) % (VOCAB - 3) for j in range(length)])
+    return docs
+
+
+def tiny_config(tokens: Path, **train) -> dict:
+    t = {"max_steps": 30, "micro_batch_size": 4, "seq_len": 32, "eval_every": 10, "save_every": 10,
+         "keep_last": 2, "log_every": 5, "eval_batches": 4}
+    t.update(train)
+    return {"model": {"vocab_size": VOCAB, "dim": 32, "n_layers": 2, "n_heads": 4, "multiple_of": 16, "max_seq_len": 64},
+            "optim": {"lr": 1e-2, "warmup_steps": 3}, "train": t, "data": {"train": str(tokens), "val_docs": 20}}
+
+
+def cfg_of(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine OpenMP spin-waiting makes 2 threads far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    return write_token_shards(tmp_path_factory.mktemp("tok") / "tokens", learnable_docs(300), vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tokens, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "run"
+    summary = pretrain(build(PretrainConfig, tiny_config(tokens)), str(out), progress=False)
+    return out, summary
+
+
+# -- pieces --------------------------------------------------------------------------------------
+
+
+def test_schedules():
+    total, warm = 100, 10
+    assert lr_multiplier(0, total, "cosine", warm) == pytest.approx(0.1)
+    assert lr_multiplier(9, total, "cosine", warm) == pytest.approx(1.0)
+    assert lr_multiplier(10, total, "cosine", warm, min_ratio=0.1) == pytest.approx(1.0)
+    assert lr_multiplier(55, total, "cosine", warm, min_ratio=0.0) == pytest.approx(0.5)
+    assert lr_multiplier(100, total, "cosine", warm, min_ratio=0.1) == pytest.approx(0.1)
+    cos = [lr_multiplier(s, total, "cosine", warm) for s in range(warm, total)]
+    assert all(a >= b for a, b in zip(cos, cos[1:]))
+    # wsd: flat until the last 20%, then linear down to min_ratio
+    assert lr_multiplier(79, total, "wsd", warm, 0.0, 0.2) == 1.0
+    assert lr_multiplier(90, total, "wsd", warm, 0.0, 0.2) == pytest.approx(0.45)
+    assert lr_multiplier(99, total, "wsd", warm, 0.0, 0.2) == pytest.approx(0.0)
+    assert lr_multiplier(50, total, "constant", warm) == 1.0
+
+
+def test_no_weight_decay_on_norms_and_embedding_norm():
+    from openllama.config import ModelConfig
+
+    model = Llama(ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, multiple_of=16,
+                              stable_embedding=True, tie_embeddings=True))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "embedding_norm.weight" in no_decay_names and "embedding_norm.bias" in no_decay_names
+    assert all(("norm" in n) for n in no_decay_names)
+    assert "tok_embeddings.weight" in {names[id(p)] for p in decay["params"]}
+    # tied weight appears once over both groups
+    total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert total == model.num_params()
+
+
+def test_config_errors_name_the_key(tokens):
+    with pytest.raises(UserError, match="train.*max_steps"):
+        build(PretrainConfig, {**tiny_config(tokens), "train": {"seq_len": 32}})
+    with pytest.raises(UserError, match="optim.schedule"):
+        build(PretrainConfig, {**tiny_config(tokens), "optim": {"schedule": "linear"}})
+    with pytest.raises(UserError, match="data.train"):
+        pretrain(build(PretrainConfig, {**tiny_config(tokens), "data": {}}), "/nonexistent/run", progress=False)
+
+
+# -- a whole run -----------------------------------------------------------------------------------
+
+
+def test_loss_falls_and_run_dir_is_self_describing(tiny_run):
+    out, summary = tiny_run
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    first, last = np.mean([r["loss"] for r in train[:5]]), np.mean([r["loss"] for r in train[-5:]])
+    assert last < first - 0.5, (first, last)
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # bits per byte = loss / ln 2 * predicted tokens per byte (from the manifest: ids + eos per byte)
+    m = json.loads((Path(cfg_of(out)["data"]["train"][0]["path"]) / "manifest.json").read_text())
+    per_byte = (m["num_tokens"] - m["num_docs"]) / m["num_bytes"]
+    assert evals[-1]["val_bits_per_byte"] == pytest.approx(evals[-1]["val_loss"] / math.log(2) * per_byte)
+    assert all(r["tokens"] == 4 * 32 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in train)
+    lrs = [r["lr"] for r in train]
+    assert lrs[0] < lrs[2] and lrs[-1] < lrs[5]  # warmup, then cosine decay
+    # keep_last=2: steps 10 is pruned, 20 and 30 stay; latest names 30
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_0000020", "step_0000030"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000030"
+    assert summary["checkpoint"].endswith("step_0000030") and summary["step"] == 30
+    state = json.loads((out / "checkpoints/step_0000030/state/trainer.json").read_text())
+    assert state["step"] == 30 and state["tokens_seen"] == 30 * 4 * 32 and state["data"]["samples"] == 30 * 4
+    cfg = __import__("yaml").safe_load((out / "config.yaml").read_text())
+    assert cfg["model"]["dim"] == 32 and cfg["train"]["max_steps"] == 30
+    model = load_model(out / "checkpoints/step_0000030/model")
+    assert model.cfg.dim == 32
+
+
+def test_evaluate_cli_matches_the_runs_evaluation(tiny_run, tokens, capsys, tmp_path):
+    out, summary = tiny_run
+    # evaluate on the same held-out documents (last 20) that training evaluated on
+    objective = PretrainObjective(build(PretrainConfig, tiny_config(tokens)).data, 32, 4, eval_batches=4)
+    model = load_model(out / "checkpoints/step_0000030/model")
+    ours = objective.evaluate(model)
+    assert ours["val_loss"] == pytest.approx(summary["eval"]["val_loss"], rel=1e-6)
+    code = cli.main(["evaluate", "--model", str(out / "checkpoints/step_0000030/model"), "--data", str(tokens),
+                     "--seq-len", "32", "--batch-size", "4", "--max-batches", "2", "--out", str(tmp_path / "e.json")])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result == json.loads((tmp_path / "e.json").read_text())
+    assert 0 < result["loss"] < math.log(VOCAB) and result["bits_per_byte"] > 0 and result["tokens"] > 0
+
+
+def test_plot_writes_pngs(tiny_run, capsys):
+    out, _ = tiny_run
+    assert cli.main(["plot", str(out)]) == 0
+    for name in ("loss.png", "throughput.png"):
+        data = (out / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_existing_run_needs_resume_and_same_model(tiny_run, capsys, tmp_path):
+    out, _ = tiny_run
+    cfg = tmp_path / "c.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(yaml.safe_load((out / "config.yaml").read_text())))
+    assert cli.main(["pretrain", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--config", str(cfg), "--out", str(out), "--resume", "--no-progress", "model.dim=64"]) == 2
+    err = capsys.readouterr().err
+    assert "different model" in err and "model.dim" in err
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    manager = ckpt.CheckpointManager(tmp_path)
+    root = tmp_path / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, False)):
+        d = root / ckpt.step_dir_name(step)
+        (d / "state").mkdir(parents=True)
+        if complete:
+            (d / ckpt.COMPLETE).write_text(str(step))
+    (root / ".tmp_step_0000040" / "state").mkdir(parents=True)
+    assert manager.latest() == root / "step_0000020"  # no pointer: highest complete
+    (root / "latest").write_text("step_0000030\n")  # pointer to an incomplete dir: ignored
+    assert manager.latest() == root / "step_0000020"
+    (root / "latest").write_text("step_0000010\n")  # pointer lagging a completed rename: the newer one wins
+    assert manager.latest() == root / "step_0000020"
+    assert manager.complete_steps() == [10, 20]
+
+
+# -- divergence guard -------------------------------------------------------------------------------
+
+
+class PoisonedObjective(PretrainObjective):
+    """The real pretraining objective whose loss turns non-finite on chosen micro-batches."""
+
+    def __init__(self, *args, bad_calls: set[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.bad_calls = 0, bad_calls
+
+    def loss(self, model, batch):
+        loss, metrics, n = super().loss(model, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls in self.bad_calls else loss), metrics, n
+
+
+def _train_poisoned(tokens, out, bad_calls, **train):
+    from openllama.train.engine import train as run_train
+
+    cfg = build(PretrainConfig, tiny_config(tokens, **train))
+    objective = PoisonedObjective(cfg.data, 32, 4, bad_calls=bad_calls)
+    torch.manual_seed(0)
+    return run_train(cfg, Llama(cfg.model), objective, out, progress=False)
+
+
+def test_a_non_finite_step_is_skipped_without_touching_weights(tokens, tmp_path):
+    summary = _train_poisoned(tokens, tmp_path / "r", {7}, max_steps=7, save_every=6, eval_every=0)
+    records = [r for r in read_metrics(tmp_path / "r/metrics.jsonl") if r["kind"] == "train"]
+    assert [r.get("skipped", False) for r in records] == [False] * 6 + [True]
+    assert summary["step"] == 7
+    before = load_model(tmp_path / "r/checkpoints/step_0000006/model").state_dict()
+    after = load_model(tmp_path / "r/checkpoints/step_0000007/model").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tokens, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"3 steps in a row.*step_0000005"):
+        _train_poisoned(tokens, tmp_path / "r", set(range(7, 100)), max_steps=20, save_every=5,
+                        max_nonfinite_in_a_row=3, eval_every=0)
+    manager = ckpt.CheckpointManager(tmp_path / "r")
+    assert manager.complete_steps() == [5]
+    model = load_model(manager.latest() / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    records = [r for r in read_metrics(tmp_path / "r/metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in records if r.get("skipped")] == [7, 8, 9]
+
+
+def test_tensorboard_tracker(tokens, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (openllama[tensorboard])")
+    out = tmp_path / "r"
+    pretrain(build(PretrainConfig, tiny_config(tokens, max_steps=4, trackers=["tensorboard"], log_every=1)),
+             str(out), progress=False)
+    assert list(out.rglob("events.out.tfevents.*"))
+
+
+def test_activation_checkpointing_gives_the_same_training(tokens, tmp_path):
+    runs = {}
+    for flag in (False, True):
+        out = tmp_path / f"ac{int(flag)}"
+        pretrain(build(PretrainConfig, tiny_config(tokens, max_steps=3, activation_checkpointing=flag, eval_every=0)),
+                 str(out), progress=False)
+        runs[flag] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert runs[True] == runs[False]
+
+
+def test_max_tokens_sets_the_number_of_steps(tokens, tmp_path):
+    summary = pretrain(build(PretrainConfig, tiny_config(tokens, max_steps=None, max_tokens=3 * 4 * 32 - 5,
+                                                         eval_every=0)), str(tmp_path / "r"), progress=False)
+    assert summary["step"] == summary["max_steps"] == 3 and summary["tokens_seen"] == 3 * 4 * 32
