@@ -1,12 +1,41 @@
 """Instruction and chat data: formats -> conversations -> token ids with a loss mask on replies.
 
 The default chat template is the seed project's: `user: {prompt}\nsystem: {completion}</s>`
-(the seed calls the assistant "system"). A conversation renders turn after turn; a system
-message, if any, is a plain line before the first turn.
+(the seed calls the assistant "system"), after the BOS token every pretraining document starts
+with. A conversation renders turn after turn; a system message, if any, is a plain line before
+the first turn.
+
+Pipeline:
+  read_conversations(path, fmt)   alpaca / self_instruct / BELLE (+ multi-turn Human:/Assistant:
+                                  text) / school_math / BELLE eval / BELLE seed tasks / ShareGPT /
+                                  OpenAI-TRL messages / prompt-completion -> list[Conversation]
+  ChatTemplate.encode(conv, tok)  render the whole conversation with the jinja template (exactly as
+                                  transformers' `apply_chat_template` does), tokenise it once, and
+                                  label only the tokens that overlap an assistant reply (+ the text
+                                  the template closes it with, e.g. eos), so our ids equal
+                                  `apply_chat_template(messages, tokenize=True)` on the exported
+                                  tokenizer.
+  fit_length(example, max_len)    truncation only at the end of an assistant turn, or drop.
+  pack(examples, seq_len)         several conversations per row with doc_ids (no cross-attention).
+  EpochBatches                    shuffled, rank-sharded batches with a state_dict for exact resume.
 """
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from ..errors import UserError
+
+IGNORE_INDEX = -100  # label of a token that carries no loss (torch cross_entropy's default)
 
 # Jinja, as transformers' `apply_chat_template` runs it; written into tokenizer_config.json.
 DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
     "{% elif message['role'] == 'user' %}{{ 'user: ' + message['content'] + '\n' }}"
@@ -14,3 +43,539 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'system: ' }}{% endif %}"
 )
+
+# A ChatML-like alternative (role headers between <|im_start|> / <|im_end|> markers, as plain text
+# unless the tokenizer has them as special tokens); the reply is closed by `<|im_end|>` + eos.
+CHATML_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_end|>' + eos_token + '\n' }}"
+    "{% else %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CHAT_TEMPLATES = {"default": DEFAULT_CHAT_TEMPLATE, "seed": DEFAULT_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}
+
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------------------------
+# The conversation type
+
+
+@dataclass
+class Conversation:
+    """A list of {role, content} messages; `source` says where it came from (for error messages)."""
+
+    messages: list[dict[str, str]]
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for i, m in enumerate(self.messages):
+            if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i} must be {{role: system|user|assistant, content: str}}, got {m!r}")
+        if not any(m["role"] == "assistant" for m in self.messages):
+            raise ValueError("conversation has no assistant reply to train on")
+
+
+class RecordError(ValueError):
+    """A record that does not fit its format; the reader adds file and line."""
+
+
+def _text(record: dict, key: str, *, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        got = "missing" if key not in record else f"a {type(value).__name__}"
+        raise RecordError(f"key {key!r} must be a string ({got})")
+    return value
+
+
+def _instruction_prompt(instruction: str, inp: str) -> str:
+    """The seed's prompt for alpaca-style records: the instruction, then the input on its own line."""
+    return f"{instruction}\n{inp}" if inp.strip() else instruction
+
+
+_TURN_MARKER = re.compile(r"(?:^|\n)\s*(Human|Assistant)\s*[:：]")
+
+
+def split_turns(text: str) -> list[tuple[str, str]]:
+    """`Human: a\nAssistant: b\nHuman: c` -> [("user", "a"), ("assistant", "b"), ("user", "c")].
+    Text before the first marker is an error (returns [] when there is no marker at all)."""
+    marks = list(_TURN_MARKER.finditer(text))
+    if not marks:
+        return []
+    if text[: marks[0].start()].strip():
+        raise RecordError("text before the first 'Human:'/'Assistant:' marker")
+    turns = []
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        role = "user" if m.group(1) == "Human" else "assistant"
+        turns.append((role, text[m.end():end].strip()))
+    return turns
+
+
+def from_alpaca(record: dict) -> list[Conversation]:
+    """alpaca / self_instruct / BELLE / BELLE school_math: instruction, input, output. A BELLE
+    multi-turn record holds `Human: ... Assistant: ... Human: ... Assistant:` in its instruction,
+    with the final reply in output."""
+    instruction = _text(record, "instruction")
+    inp = _text(record, "input", required=False)
+    output = _text(record, "output")
+    turns = split_turns(instruction) if instruction.lstrip().startswith("Human") else []
+    if turns:
+        if turns[-1] == ("assistant", ""):
+            turns.pop()  # the open "Assistant:" the output answers
+        if turns[-1][0] != "user":
+            raise RecordError("multi-turn instruction must end with a Human turn (then 'Assistant:')")
+        if inp.strip():
+            turns[-1] = ("user", _instruction_prompt(turns[-1][1], inp))
+        messages = [{"role": r, "content": c} for r, c in turns]
+    else:
+        messages = [{"role": "user", "content": _instruction_prompt(instruction, inp)}]
+    return [Conversation(messages + [{"role": "assistant", "content": output}])]
+
+
+def from_belle_eval(record: dict) -> list[Conversation]:
+    """BELLE eval set: question, std_answer (class ignored)."""
+    return [Conversation([{"role": "user", "content": _text(record, "question")},
+                          {"role": "assistant", "content": _text(record, "std_answer")}])]
+
+
+def from_belle_seed(record: dict) -> list[Conversation]:
+    """BELLE seed tasks: one instruction with several instances[{input, output}] -> one
+    conversation per instance."""
+    instruction = _text(record, "instruction")
+    instances = record.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise RecordError("key 'instances' must be a non-empty list of {input, output}")
+    out = []
+    for j, inst in enumerate(instances):
+        if not isinstance(inst, dict):
+            raise RecordError(f"instances[{j}] must be an object with input and output")
+        try:
+            prompt = _instruction_prompt(instruction, _text(inst, "input", required=False))
+            out.append(Conversation([{"role": "user", "content": prompt},
+                                     {"role": "assistant", "content": _text(inst, "output")}]))
+        except RecordError as exc:
+            raise RecordError(f"instances[{j}]: {exc}") from None
+    return out
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
+
+
+def from_sharegpt(record: dict) -> list[Conversation]:
+    """ShareGPT: conversations[{from: human/gpt/system, value}]."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("key 'conversations' must be a non-empty list of {from, value}")
+    messages = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in _SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+            raise RecordError(f"conversations[{j}] must be {{from: human|gpt|system, value: str}}, got {turn!r:.80}")
+        messages.append({"role": _SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return [Conversation(messages)]
+
+
+def _messages(value: Any, key: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RecordError(f"key {key!r} must be a non-empty list of {{role, content}}")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise RecordError(f"{key}[{j}] must be {{role: system|user|assistant, content: str}}, got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def from_messages(record: dict) -> list[Conversation]:
+    """OpenAI / TRL conversational format: messages[{role, content}]."""
+    return [Conversation(_messages(record.get("messages"), "messages"))]
+
+
+def from_prompt_completion(record: dict) -> list[Conversation]:
+    """prompt/completion pairs; each may be a string or (TRL conversational) a message list."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    p = [{"role": "user", "content": _text(record, "prompt")}] if not isinstance(prompt, list) else _messages(prompt, "prompt")
+    if isinstance(completion, list):
+        c = _messages(completion, "completion")
+    else:
+        c = [{"role": "assistant", "content": _text(record, "completion")}]
+    return [Conversation(p + c)]
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    name: str
+    keys: tuple[str, ...]  # what a record of this format must hold (detection + error messages)
+    read: Callable[[dict], list[Conversation]]
+
+
+CHAT_FORMATS = {f.name: f for f in (
+    ChatFormat("sharegpt", ("conversations",), from_sharegpt),
+    ChatFormat("messages", ("messages",), from_messages),
+    ChatFormat("prompt_completion", ("prompt", "completion"), from_prompt_completion),
+    ChatFormat("belle_eval", ("question", "std_answer"), from_belle_eval),
+    ChatFormat("belle_seed", ("instruction", "instances"), from_belle_seed),
+    ChatFormat("alpaca", ("instruction", "output"), from_alpaca),
+)}
+# Other names for the same record shapes.
+FORMAT_ALIASES = {"self_instruct": "alpaca", "belle": "alpaca", "school_math": "alpaca",
+                  "openai": "messages", "trl": "messages"}
+FORMAT_NAMES = tuple(CHAT_FORMATS) + tuple(FORMAT_ALIASES)
+
+
+def detect_format(record: Any) -> ChatFormat | None:
+    """The first format whose keys the record has (checked most specific first)."""
+    if not isinstance(record, dict):
+        return None
+    for fmt in CHAT_FORMATS.values():
+        if all(k in record for k in fmt.keys):
+            return fmt
+    return None
+
+
+def resolve_format(name: str) -> ChatFormat | None:
+    """None for "auto"; a UserError for an unknown name."""
+    if name == "auto":
+        return None
+    name = FORMAT_ALIASES.get(name, name)
+    if name not in CHAT_FORMATS:
+        raise UserError(f"unknown chat format {name!r}: expected auto or one of {', '.join(FORMAT_NAMES)}")
+    return CHAT_FORMATS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+def iter_json_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for a JSON array file or a JSON-lines file; `where` is "line N" / "record N".
+    Bad JSON is a UserError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        for i, record in enumerate(data):
+            yield f"record {i}", record
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{lineno}: invalid JSON line ({exc.msg}); expected a JSON array or JSON lines") from None
+        yield f"line {lineno}", record
+
+
+@dataclass
+class ReadReport:
+    """What a reader did: the format used, records read, and records skipped (with why)."""
+
+    format: str = ""
+    records: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def read_records(path: str | Path, fmt: str | ChatFormat | None, reader_kind: str,
+                 detect: Callable[[Any], Any], on_error: str, report: ReadReport) -> Iterator[tuple[str, Any, Any]]:
+    """Shared by the chat and preference readers: yields (where, record, format) with the format
+    detected from the first record (or given); a record that does not match -> UserError, or with
+    on_error="skip", an entry in report.skipped."""
+    if on_error not in ("raise", "skip"):
+        raise UserError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    chosen = fmt
+    for where, record in iter_json_records(path):
+        report.records += 1
+        if chosen is None:
+            chosen = detect(record)
+            if chosen is None:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise UserError(f"{path}: {where}: cannot tell the {reader_kind} format from keys {keys}; "
+                                f"name it with --format")
+            report.format = chosen.name
+        yield where, record, chosen
+
+
+def read_conversations(path: str | Path, fmt: str = "auto", on_error: str = "raise",
+                       report: ReadReport | None = None) -> list[Conversation]:
+    """All conversations in a JSON / JSON-lines file. `fmt` is a format name or "auto" (detected
+    from the first record). A malformed record is a UserError naming file, line/record and what
+    was expected, or with on_error="skip", counted in `report.skipped`."""
+    report = report if report is not None else ReadReport()
+    given = resolve_format(fmt)
+    if given is not None:
+        report.format = given.name
+    out: list[Conversation] = []
+    for where, record, chat_fmt in read_records(path, given, "chat", detect_format, on_error, report):
+        try:
+            if not isinstance(record, dict):
+                raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+            convs = chat_fmt.read(record)
+            for c in convs:
+                c.source = f"{path}: {where}"
+            out.extend(convs)
+        except (RecordError, ValueError) as exc:
+            msg = f"{path}: {where}: {exc} (format {chat_fmt.name} expects keys {', '.join(chat_fmt.keys)})"
+            if on_error == "raise":
+                raise UserError(msg) from None
+            report.skipped.append(msg)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates and token labels
+
+
+def template_source(name_or_path: str | None) -> str:
+    """A template by name (default, seed, chatml), from a .jinja file, or the jinja text itself."""
+    if not name_or_path:
+        return DEFAULT_CHAT_TEMPLATE
+    if name_or_path in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name_or_path]
+    if "{%" in name_or_path or "{{" in name_or_path:
+        return name_or_path
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    raise UserError(f"chat template {name_or_path!r}: not a template name ({', '.join(CHAT_TEMPLATES)}) "
+                    f"nor a file")
+
+
+@dataclass
+class Example:
+    """One tokenised conversation: `labels[i]` is ids[i] where token i is trained, else IGNORE_INDEX.
+    `turn_ends` are token counts at which an assistant turn ends (safe truncation points)."""
+
+    ids: list[int]
+    labels: list[int]
+    turn_ends: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def special_token_strings(tokenizer: Any) -> dict[str, str]:
+    """bos/eos/pad text as the template sees them (transformers passes special_tokens_map)."""
+    out = {}
+    to_text = getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "id_to_piece", None)
+    for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", None)):
+        value = getattr(tokenizer, name, None)
+        ident = getattr(tokenizer, name.replace("_token", "_id"), None)
+        if not isinstance(value, str) and to_text is not None and isinstance(ident, int) and ident >= 0:
+            value = to_text(ident)
+        value = value if isinstance(value, str) else default
+        if value is not None:
+            out[name] = value
+    return out
+
+
+class ChatTemplate:
+    """Renders conversations with a jinja chat template exactly as transformers does (same
+    function, same special-token variables) and tokenises them with loss on assistant replies."""
+
+    def __init__(self, source: str | None = None, special_tokens: dict[str, str] | None = None):
+        self.source = template_source(source)
+        self.special_tokens = dict(special_tokens or {"bos_token": "<s>", "eos_token": "</s>"})
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, source: str | None = None) -> "ChatTemplate":
+        return cls(source, special_token_strings(tokenizer))
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template([list(messages)], chat_template=self.source,
+                                                add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except Exception as exc:  # jinja syntax/runtime errors in a user template
+            raise UserError(f"chat template failed to render: {type(exc).__name__}: {exc}") from None
+        return rendered[0]
+
+    def assistant_spans(self, messages: Sequence[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character span of each assistant reply: from the end of the
+        generation prompt before it (less trailing whitespace) to the end of the rendered reply (so
+        the closing eos counts).
+        Needs a template where each turn only appends text, which every chat template does."""
+        text = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant" or (only_last and i != len(messages) - 1):
+                continue
+            start_text = self.render(messages[:i], add_generation_prompt=True)
+            end_text = self.render(messages[: i + 1])
+            if not text.startswith(end_text) or not end_text.startswith(start_text):
+                raise UserError("chat template is not incremental (rendering a prefix of a conversation must give "
+                                "a prefix of the text), so replies cannot be located for the loss mask")
+            # whitespace ending the generation prompt (the space after "system:") belongs to the reply:
+            # tokenizers attach it to the next word, and `generation_ids` leaves it to the model
+            spans.append((len(start_text.rstrip()), len(end_text)))
+        return text, spans
+
+    def generation_ids(self, messages: Sequence[dict], tokenizer: Any) -> list[int]:
+        """Prompt ids for sampling a reply: the conversation + the generation prompt, without the
+        trailing whitespace-only tokens, which training counts as the start of the reply (so the
+        model continues exactly as it learned to, e.g. with the token "▁d" after "system:")."""
+        text = self.render(messages, add_generation_prompt=True)
+        ids, offsets = tokenizer.encode_with_offsets(text)
+        keep = len(ids)
+        stripped = len(text.rstrip())
+        while keep and offsets[keep - 1][0] >= stripped:
+            keep -= 1
+        return list(ids[:keep])
+
+    def encode(self, conversation: Conversation | Sequence[dict], tokenizer: Any, only_last: bool = False) -> Example:
+        """Tokenise the whole rendered text once (so ids equal `apply_chat_template(tokenize=True)`);
+        a token is trained when its characters overlap an assistant span."""
+        messages = conversation.messages if isinstance(conversation, Conversation) else list(conversation)
+        text, spans = self.assistant_spans(messages, only_last=only_last)
+        ids, offsets = tokenizer.encode_with_offsets(text)
+        labels = [IGNORE_INDEX] * len(ids)
+        turn_ends = []
+        k = 0
+        for start, end in spans:
+            while k < len(ids) and offsets[k][1] <= start:
+                k += 1
+            while k < len(ids) and offsets[k][0] < end:
+                labels[k] = ids[k]
+                k += 1
+            turn_ends.append(k)
+        return Example(list(ids), labels, turn_ends)
+
+
+# ----------------------------------------------------------------------------------------------
+# Length: truncate at turn boundaries or drop; packing
+
+
+@dataclass
+class LengthReport:
+    kept: int = 0
+    truncated: int = 0  # later turns removed (cut at the end of an earlier assistant turn)
+    dropped: int = 0  # not even the first reply fits
+
+
+def fit_length(example: Example, max_len: int, report: LengthReport | None = None) -> Example | None:
+    """The example itself if it fits; else cut after the last assistant turn that fits (never
+    inside a reply); None (dropped) when the first reply does not fit. Counted in `report`."""
+    report = report if report is not None else LengthReport()
+    if len(example) <= max_len:
+        report.kept += 1
+        return example
+    fitting = [e for e in example.turn_ends if e <= max_len]
+    if not fitting:
+        report.dropped += 1
+        return None
+    cut = fitting[-1]
+    report.truncated += 1
+    return Example(example.ids[:cut], example.labels[:cut], fitting)
+
+
+@dataclass
+class PackedRow:
+    ids: list[int]
+    labels: list[int]
+    doc_ids: list[int]
+
+
+def pack(examples: Iterable[Example], seq_len: int, pad_id: int) -> list[PackedRow]:
+    """Greedy packing in order: examples go into the current row while they fit, else a new row.
+    doc_ids number the conversations within a row (padding gets its own id), so the model's
+    document mask keeps attention inside each conversation. Examples must fit `seq_len`."""
+    rows: list[PackedRow] = []
+    cur = PackedRow([], [], [])
+    for ex in examples:
+        if len(ex) > seq_len:
+            raise ValueError(f"example of {len(ex)} tokens does not fit seq_len {seq_len}; fit_length first")
+        if cur.ids and len(cur.ids) + len(ex) > seq_len:
+            rows.append(cur)
+            cur = PackedRow([], [], [])
+        doc = cur.doc_ids[-1] + 1 if cur.doc_ids else 0
+        cur.ids += ex.ids
+        cur.labels += ex.labels
+        cur.doc_ids += [doc] * len(ex)
+    if cur.ids:
+        rows.append(cur)
+    for row in rows:
+        n = seq_len - len(row.ids)
+        if n:
+            row.ids += [pad_id] * n
+            row.labels += [IGNORE_INDEX] * n
+            row.doc_ids += [row.doc_ids[-1] + 1] * n
+    return rows
+
+
+def collate_rows(rows: Sequence[PackedRow]) -> dict[str, Any]:
+    import torch
+
+    return {"tokens": torch.tensor([r.ids for r in rows], dtype=torch.long),
+            "labels": torch.tensor([r.labels for r in rows], dtype=torch.long),
+            "doc_ids": torch.tensor([r.doc_ids for r in rows], dtype=torch.long)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches with exact resume
+
+
+class EpochBatches:
+    """Endless batches over a fixed list of items: each epoch shuffles the items with (seed, epoch),
+    optionally regroups them (`arrange`, e.g. packing), gives rank r the rows r, r+world, ..., and
+    cuts them into batches. The position (epoch, batch) is the whole state, so resume is exact.
+    Every rank gets the same number of batches per epoch (the tail that does not divide is dropped)."""
+
+    def __init__(self, items: Sequence[Any], batch_size: int, *, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True, arrange: Callable[[list[Any]], list[Any]] | None = None,
+                 collate: Callable[[list[Any]], Any] = list):
+        if not items:
+            raise UserError("no training examples left (check the data file and the length limit)")
+        self.items, self.batch_size, self.rank, self.world = list(items), batch_size, rank, world
+        self.seed, self.shuffle, self.arrange, self.collate = seed, shuffle, arrange, collate
+        self.epoch, self.batch = 0, 0
+        self._rows: list[Any] | None = None
+        self._rows_epoch = -1
+
+    def rows(self, epoch: int) -> list[Any]:
+        if self._rows_epoch != epoch:
+            order = list(range(len(self.items)))
+            if self.shuffle:
+                random.Random(f"{self.seed}:{epoch}").shuffle(order)
+            rows = [self.items[i] for i in order]
+            if self.arrange is not None:
+                rows = self.arrange(rows)
+            self._rows, self._rows_epoch = rows, epoch
+        return self._rows
+
+    def batches_per_epoch(self) -> int:
+        n = len(self.rows(self.epoch)) // self.world
+        return max(n // self.batch_size, 1 if n else 0)
+
+    def __iter__(self) -> "EpochBatches":
+        return self
+
+    def __next__(self) -> Any:
+        per_epoch = self.batches_per_epoch()
+        if per_epoch == 0:
+            raise UserError(f"too few examples for batch size {self.batch_size} on {self.world} ranks")
+        if self.batch >= per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        mine = self.rows(self.epoch)[self.rank::self.world]
+        chunk = mine[self.batch * self.batch_size:(self.batch + 1) * self.batch_size]
+        self.batch += 1
+        return self.collate(chunk)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.seed = int(state.get("seed", self.seed))

@@ -1,0 +1,272 @@
+"""`openllama grpo`: online RL with group-normalised advantages (GRPO, Shao et al. 2024).
+
+Each step, for every prompt in the batch: sample a group of G completions from the current
+policy with `generate.Generator` (seeded from the data position, so a resumed run samples the
+same), score them with a reward function (exact match of the answer, as task evaluation checks
+it, or a trained reward model), and set each completion's advantage to (r - group mean) /
+(group std + eps). The loss on completion tokens is the clipped policy-gradient surrogate
+-min(ratio * A, clip(ratio, 1-eps, 1+eps) * A) plus beta * KL(policy || reference), with the k3
+estimator exp(ref - pi) - (ref - pi) - 1 per token, averaged per completion then over completions.
+One optimizer step per batch of samples, so the ratio is 1 in value and the clip guards future
+multi-step use; the gradient is the policy gradient. Reported: mean reward per step (+ std,
+accuracy, KL, completion length).
+
+Prompts: JSON lines `{"prompt": str | messages, "answer": str}` (the built-in `rl/train.jsonl`),
+or any chat format whose last assistant turn is taken as the answer.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Section
+from ..data.chat import IGNORE_INDEX, ChatTemplate, EpochBatches, ReadReport, RecordError, iter_json_records
+from ..errors import UserError
+from ..tasks import is_correct
+from .engine import OptimConfig, TrainConfig
+from .lora import LoraConfig, LoraLlama
+
+
+class GRPOConfig(Section):
+    group_size: int = 8  # completions per prompt
+    prompts_per_step: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    clip_eps: float = 0.2
+    beta: float = 0.04  # KL penalty weight
+    reward: str = "exact_match"  # or the path of a reward model directory
+    eval_prompts: int = 64  # held-out prompts scored greedily by evaluate()
+    max_prompt_len: int = 256
+
+
+@dataclass
+class RLPrompt:
+    messages: list[dict[str, str]]
+    answer: str
+    ids: list[int] | None = None
+
+
+def read_prompts(path: str | Path, on_error: str = "raise", report: ReadReport | None = None) -> list[RLPrompt]:
+    """Prompts with reference answers: {"prompt", "answer"} or {"messages"} (last turn = answer)."""
+    from ..data.chat import _messages, _text
+
+    report = report if report is not None else ReadReport(format="rl")
+    out = []
+    for where, record in iter_json_records(path):
+        report.records += 1
+        try:
+            if not isinstance(record, dict):
+                raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+            if "prompt" in record:
+                prompt = record["prompt"]
+                messages = [{"role": "user", "content": _text(record, "prompt")}] if not isinstance(prompt, list) \
+                    else _messages(prompt, "prompt")
+                answer = _text(record, "answer")
+            else:
+                messages = _messages(record.get("messages"), "messages")
+                if messages[-1]["role"] != "assistant":
+                    raise RecordError("the last message must be the assistant's reference answer")
+                messages, answer = messages[:-1], messages[-1]["content"]
+            if messages[-1]["role"] != "user":
+                raise RecordError("the prompt must end with a user message")
+            out.append(RLPrompt(messages, answer))
+        except RecordError as exc:
+            msg = f"{path}: {where}: {exc} (expected keys prompt + answer, or messages)"
+            if on_error == "raise":
+                raise UserError(msg) from None
+            report.skipped.append(msg)
+    return out
+
+
+def exact_match_reward(completions: Sequence[str], prompts: Sequence[RLPrompt]) -> list[float]:
+    return [1.0 if is_correct(c, p.answer) else 0.0 for c, p in zip(completions, prompts)]
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(N,) rewards in consecutive groups -> (r - group mean) / (group std + eps)."""
+    g = rewards.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True, unbiased=False) + eps)).view(-1)
+
+
+def token_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p of each labelled next token, (B, T-1); 0 where unlabelled."""
+    logits = model(tokens)[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+              advantages: torch.Tensor, clip_eps: float, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    delta = ref_logp - logp
+    kl = torch.exp(delta) - delta - 1
+    per_token = -surrogate + beta * kl
+    mask = mask.float()
+    per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    kl_mean = ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return per_seq.mean(), {"kl": kl_mean.item()}
+
+
+class GRPOObjective:
+    def __init__(self, prompts: list[RLPrompt], held_out: list[RLPrompt], reference: torch.nn.Module,
+                 tokenizer: Any, template: ChatTemplate, cfg: GRPOConfig, seed: int = 0,
+                 reward_fn: Callable[[Sequence[str], Sequence[RLPrompt]], list[float]] | None = None):
+        self.cfg, self.tokenizer, self.template, self.seed = cfg, tokenizer, template, seed
+        for p in list(prompts) + list(held_out):
+            p.ids = template.generation_ids(p.messages, tokenizer)
+        self.prompts = [p for p in prompts if len(p.ids) <= cfg.max_prompt_len]
+        self.held_out = held_out[:cfg.eval_prompts]
+        self.reference = copy.deepcopy(reference).eval().requires_grad_(False)
+        self.reward_fn = reward_fn or exact_match_reward
+        pad = getattr(tokenizer, "pad_id", None)
+        self.pad_id = pad if pad is not None and pad >= 0 else 0
+
+    def train_batches(self, rank: int, world: int) -> EpochBatches:
+        batches = EpochBatches(self.prompts, self.cfg.prompts_per_step, rank=rank, world=world, seed=self.seed)
+        batches.collate = lambda items: {"prompts": items, "position": dict(batches.state_dict()), "rank": rank}
+        return batches
+
+    def _sample(self, model, prompts: Sequence[RLPrompt], n: int, temperature: float, seed: int):
+        from ..generate import Generator, SamplingParams
+        from .lora import base_llama
+
+        policy = getattr(model, "module", model)  # DDP; peft models forward attributes to the Llama
+        was = policy.training
+        gen = Generator(policy, self.tokenizer, max_seq_len=base_llama(policy).cfg.max_seq_len)
+        params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, temperature=temperature,
+                                top_k=self.cfg.top_k, seed=seed)
+        ids = [p.ids for p in prompts for _ in range(n)]
+        seeds = [seed * 100_003 + i for i in range(len(ids))]
+        done = gen.generate(ids, params, seeds=seeds)
+        policy.train(was)
+        return done
+
+    def _rows(self, prompts: Sequence[RLPrompt], completions, device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [(p.ids, c.token_ids) for p, c in zip(prompts, completions)]
+        T = max(len(a) + len(b) for a, b in rows)
+        tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for i, (a, b) in enumerate(rows):
+            tokens[i, :len(a) + len(b)] = torch.tensor(a + b)
+            labels[i, len(a):len(a) + len(b)] = torch.tensor(b, dtype=torch.long)
+        return tokens.to(device), labels.to(device)
+
+    def loss(self, model, batch):
+        G = self.cfg.group_size
+        pos = batch["position"]
+        seed = hash((self.seed, pos["epoch"], pos["batch"], batch["rank"])) % (2 ** 31)
+        prompts = batch["prompts"]
+        completions = self._sample(model, prompts, G, self.cfg.temperature, seed)
+        expanded = [p for p in prompts for _ in range(G)]
+        texts = [c.text for c in completions]
+        rewards = torch.tensor(self.reward_fn(texts, expanded), dtype=torch.float32)
+        device = next(model.parameters()).device
+        adv = group_advantages(rewards, G).to(device)
+        tokens, labels = self._rows(expanded, completions, device)
+        mask = labels[:, 1:] != IGNORE_INDEX
+        logp = token_logprobs(model, tokens, labels)
+        with torch.no_grad():
+            self.reference.to(device)
+            ref_logp = token_logprobs(self.reference, tokens, labels)
+        loss, metrics = grpo_loss(logp, logp.detach(), ref_logp, mask, adv, self.cfg.clip_eps, self.cfg.beta)
+        metrics.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
+                       completion_len=float(mask.sum(-1).float().mean().item()))
+        return loss, metrics, int(mask.sum())
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        """Greedy answers on held-out prompts: mean reward (accuracy for exact match)."""
+        if not self.held_out:
+            return {}
+        done = self._sample(model, self.held_out, 1, 0.0, self.seed)
+        rewards = self.reward_fn([c.text for c in done], self.held_out)
+        return {"reward_mean": sum(rewards) / len(rewards)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+class PromptData(Section):
+    train: list[str] = []  # prompt files: {"prompt", "answer"} or {"messages"} JSON lines
+    on_error: Literal["raise", "skip"] = "raise"
+    valid: list[str] = []  # held-out prompts; else valid_fraction of train
+    valid_fraction: float = 0.1
+    template: str | None = None
+
+
+class GRPOStageConfig(Section):
+    init: str = ""  # the starting policy, also the KL reference
+    data: PromptData = PromptData()
+    grpo: GRPOConfig = GRPOConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig
+    optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.0)
+
+
+def reward_model_fn(path: str, template: ChatTemplate, tokenizer: Any):
+    """A reward function backed by a trained reward model directory."""
+    from .reward import load_reward_model
+
+    rm = load_reward_model(path, "cuda" if torch.cuda.is_available() else "cpu")
+
+    @torch.no_grad()
+    def score(completions: Sequence[str], prompts: Sequence[RLPrompt]) -> list[float]:
+        out = []
+        for text, p in zip(completions, prompts):
+            ids = template.encode(p.messages + [{"role": "assistant", "content": text.strip()}], tokenizer).ids
+            ids = ids[-rm.cfg.max_seq_len:]
+            out.append(float(rm(torch.tensor([ids], device=rm.score.weight.device))[0]))
+        return out
+
+    return score
+
+
+def grpo(cfg: GRPOStageConfig, out, resume: bool = False, progress: bool = True) -> dict:
+    from .sft import load_start, run_stage, run_template, split_held_out
+
+    out = Path(out)
+    if not cfg.data.train:
+        raise UserError("no training prompts: pass --data FILE or set data.train=[...]")
+    model, tok, tok_dir = load_start(cfg.init)
+    template, run_tok_dir = run_template(cfg.data.template, tok, tok_dir, out)
+    reads = [ReadReport(format="rl") for _ in cfg.data.train]
+    prompts = [p for path, r in zip(cfg.data.train, reads) for p in read_prompts(path, cfg.data.on_error, r)]
+    if cfg.data.valid:
+        held = [p for path in cfg.data.valid for p in read_prompts(path, cfg.data.on_error)]
+    else:
+        prompts, held = split_held_out(prompts, cfg.data.valid_fraction, cfg.train.seed)
+    reward_fn = None if cfg.grpo.reward == "exact_match" else reward_model_fn(cfg.grpo.reward, template, tok)
+    gcfg = cfg.grpo.model_copy(update={"prompts_per_step": cfg.train.micro_batch_size})
+    objective = GRPOObjective(prompts, held, model, tok, template, gcfg, cfg.train.seed, reward_fn)
+    report = {"files": [{"path": p, "records": r.records, "skipped": len(r.skipped)} for p, r in zip(cfg.data.train, reads)],
+              "prompts": len(objective.prompts), "held_out": len(objective.held_out)}
+    if cfg.lora.enabled:
+        model = LoraLlama(model, cfg.lora)
+    return run_stage(cfg, model, objective, out, resume, run_tok_dir, progress, report)
+
+
+def add_arguments(parser) -> None:
+    from .sft import add_stage_arguments
+
+    add_stage_arguments(parser, "prompt file(s): JSON lines {prompt, answer} (or messages ending with the answer)")
+
+
+def run(args) -> int:
+    from .sft import nested, print_summary, stage_config
+
+    flags = nested({"init": args.model, "data.train": [args.data] if args.data else None,
+                    "data.on_error": args.on_error})
+    cfg = stage_config(GRPOStageConfig, args, flags)
+    print_summary(grpo(cfg, args.out, resume=args.resume, progress=not args.no_progress))
+    return 0

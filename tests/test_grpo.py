@@ -1,0 +1,94 @@
+"""GRPO: on a verifiable toy task (`say c` -> `c`, checked by exact match) a briefly fine-tuned
+policy that is right about a third of the time gets clearly better; runs resume exactly
+(sampling is seeded by the data position); advantages and loss follow their formulas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignment_helpers import make_start, metrics, write_jsonl
+from openllama.cli import main
+from openllama.train.grpo import group_advantages, grpo_loss, read_prompts
+from test_sft import LETTERS, copy_chats
+
+
+def test_group_advantages_and_loss_direction():
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]), 4)
+    assert adv[:4].sum().abs() < 1e-5 and adv[0] > 0 > adv[1]
+    assert torch.all(adv[4:] == 0)  # a group that all agree carries no signal
+    logp = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    loss, m = grpo_loss(logp, logp.detach(), logp.detach(), mask, torch.tensor([1.0, -1.0]), 0.2, 0.1)
+    loss.backward()
+    assert (logp.grad[0, :2] < 0).all() and (logp.grad[1] > 0).all() and logp.grad[0, 2] == 0
+    assert m["kl"] == 0.0
+
+
+def test_prompt_file_errors(tmp_path):
+    from openllama.errors import UserError
+
+    path = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": "say a", "answer": "a"},
+                                               {"messages": [{"role": "user", "content": "say b"},
+                                                             {"role": "assistant", "content": "b"}]},
+                                               {"prompt": "say c"}])
+    with pytest.raises(UserError, match=r"rl\.jsonl: line 3: key 'answer' must be a string"):
+        read_prompts(path)
+    assert [p.answer for p in read_prompts(path, on_error="skip")] == ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny model fine-tuned on replies that are right half the time (`j` otherwise)."""
+    root = tmp_path_factory.mktemp("grpo")
+    start = make_start(root / "start", dim=64, n_layers=2)
+    sft_data = write_jsonl(root / "sft.jsonl", copy_chats(correct_every=2))
+    assert main(["sft", "--model", str(start), "--data", str(sft_data), "--out", str(root / "sft"), "--no-progress",
+                 "data.valid_fraction=0", "train.max_steps=40", "train.micro_batch_size=8", "train.seq_len=64",
+                 "optim.lr=3e-3", "optim.schedule=constant"]) == 0
+    prompts = write_jsonl(root / "rl.jsonl", [{"prompt": f"say {c}", "answer": c} for c in LETTERS])
+    return root, root / "sft", prompts
+
+
+@pytest.mark.slow
+def test_grpo_raises_mean_reward(policy):
+    root, sft_run, prompts = policy
+    out = root / "grpo"
+    assert main(["grpo", "--model", str(sft_run), "--data", str(prompts), "--out", str(out), "--no-progress",
+                 f"data.valid=[{prompts}]", "train.max_steps=20", "train.micro_batch_size=3", "grpo.group_size=8",
+                 "grpo.max_new_tokens=4", "grpo.temperature=0.7", "grpo.beta=0.02", "optim.lr=1e-3",
+                 "optim.schedule=constant"]) == 0
+    rewards = [r["reward_mean"] for r in metrics(out, "train")]
+    assert len(rewards) == 20 and all("kl" in r for r in metrics(out, "train"))
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, rewards
+    s = json.loads((out / "summary.json").read_text())
+    assert s["after"]["reward_mean"] > s["before"]["reward_mean"]  # greedy exact match on the prompts
+
+
+def test_grpo_resume_is_exact(tmp_path):
+    root = tmp_path
+    start = make_start(root / "start", dim=32, n_layers=1)
+    prompts = write_jsonl(root / "rl.jsonl", [{"prompt": f"say {c}", "answer": c} for c in LETTERS])
+    # scored by a (randomly initialised) reward model: graded rewards, so every group carries signal
+    from openllama.model import load_model
+    from openllama.train.reward import RewardModel
+
+    RewardModel(load_model(start)).save_checkpoint(root / "rm")
+    common = ["--model", str(start), f"grpo.reward={root / 'rm'}", "--data", str(prompts), "--no-progress", "data.valid_fraction=0",
+              "train.max_steps=4", "train.micro_batch_size=2", "grpo.group_size=4", "grpo.max_new_tokens=3",
+              "optim.lr=1e-3"]
+    assert main(["grpo", "--out", str(root / "a"), *common]) == 0
+    assert main(["grpo", "--out", str(root / "b"), *common, "train.halt_at_step=2"]) == 0
+    assert main(["grpo", "--out", str(root / "b"), "--resume", "--no-progress", "train.halt_at_step=null"]) == 0
+    ra, rb = metrics(root / "a", "train"), metrics(root / "b", "train")
+    assert [(r["loss"], r["reward_mean"]) for r in ra] == [(r["loss"], r["reward_mean"]) for r in rb]
+    from safetensors.torch import load_file
+
+    a = load_file(str(root / "a" / "checkpoints" / "step_0000004" / "model" / "model.safetensors"))
+    b = load_file(str(root / "b" / "checkpoints" / "step_0000004" / "model" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = load_file(str(start / "model.safetensors"))
+    assert not all(torch.equal(a[k], before[k]) for k in a)  # the policy did move
