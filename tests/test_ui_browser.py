@@ -1,0 +1,83 @@
+"""The chat page in a real browser: headless Chromium (Debian's package) driven by Playwright
+types a message into the page served by `openllama serve`'s app and watches the reply stream in."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from openllama.generate import load_for_inference
+from openllama.model import save_model
+from openllama.serve.app import build_app
+from openllama.serve.engine import Engine, Limits
+from serving_helpers import make_tiny_model_dir, running_server, torch_threads
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="/usr/bin/chromium is absent (apt-get install chromium; .ci/run does)")
+
+
+def talkative_model_dir(out: Path) -> Path:
+    """The tiny random model, changed so it (practically) never ends its reply at once: the EOS
+    logit is pinned at 0 while the others spread ten times wider, so a sampled reply runs long."""
+    base = make_tiny_model_dir(out / "base")
+    loaded = load_for_inference(base)
+    with torch.no_grad():
+        w = loaded.model.output.weight
+        w.mul_(10.0)
+        w[loaded.tokenizer.eos_id] = 0.0
+    save_model(loaded.model, out / "model")
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(base / name, out / "model" / name)
+    return out / "model"
+
+
+def test_chat_page_streams_a_reply(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with torch_threads(1):
+        engine = Engine(load_for_inference(talkative_model_dir(tmp_path)), Limits(max_new_tokens=200))
+        with running_server(build_app(engine)) as url, sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                box = page.locator("#chat-input textarea")
+                box.wait_for(timeout=30_000)
+                # record every length the reply bubble takes while it streams
+                page.evaluate("""() => {
+                    window.__lengths = [];
+                    new MutationObserver(() => {
+                        const bot = document.querySelector('[data-testid="bot"]');
+                        if (bot) window.__lengths.push(bot.innerText.trim().length);
+                    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+                }""")
+                box.fill("Hello there, how are you?")
+                box.press("Enter")
+                page.locator('[data-testid="user"]').filter(has_text="Hello there, how are you?").wait_for()
+                bot = page.locator('[data-testid="bot"]').first
+                bot.wait_for(timeout=30_000)
+                # done when the engine has finished and the page shows a reply
+                page.wait_for_function("() => window.__lengths.length > 0", timeout=30_000)
+                deadline_ms = 60_000
+                page.wait_for_timeout(200)
+                while engine.stats["completed"] < 1 and deadline_ms > 0:
+                    page.wait_for_timeout(100)
+                    deadline_ms -= 100
+                page.wait_for_timeout(500)  # the last update reaches the page
+                reply = bot.inner_text().strip()
+                lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
+                page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+            finally:
+                browser.close()
+        engine.close()
+    assert engine.stats["completed"] == 1 and engine.stats["failed"] == 0
+    assert len(reply) > 20
+    assert len(set(lengths)) >= 2, f"the reply arrived in one piece, not streamed: {lengths}"
+    assert max(lengths) == len(reply)
+    assert (tmp_path / "chat.png").stat().st_size > 10_000
