@@ -12,7 +12,16 @@ RMSNorm), so conversion in `hf.py` is a renaming of tensors and the logits are e
 Packed sequences: pass `doc_ids` (B, T) and attention stays inside each document (block-diagonal
 causal mask) while positions restart at 0 for every document.
 
-Inference: `KVCache` holds keys and values for prefill + cached decode (`start_pos`).
+Training: `forward(tokens, targets=...)` returns the next-token loss, computed in chunks of rows
+(`linear_cross_entropy`) so the (B, T, vocab) logits are never stored: less memory and a little less
+time than logits + `F.cross_entropy`, with the same value and gradients.
+
+Inference: `KVCache` holds keys and values for prefill + cached decode (`start_pos`). Batches of
+prompts with different lengths are left-padded: `padding_positions` and `padding_attention_mask`
+build the `positions` and `attn_mask` that make each row compute exactly what it would alone.
+
+Files: a model directory is `openllama.json` + `model.safetensors` (`save_model` / `load_model`);
+`resolve_model_dir` also accepts a checkpoint step directory or a run directory.
 """
 
 from __future__ import annotations
@@ -23,9 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
+from .errors import UserError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "openllama.json"  # marks a directory as an openllama model
@@ -38,6 +49,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the fused kernel: bitwise equal to the formula below in float32, less memory for backward
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in float32 (as transformers does), then scale in the input dtype.
         dtype = x.dtype
         x = x.float()
@@ -46,7 +60,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for integer `positions` of shape (B, T) -> each (B, 1, T, head_dim), float32."""
+    """cos/sin tables for integer `positions` of shape (B, T) (or (1, T), broadcast over the batch)
+    -> each (B, 1, T, head_dim), float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -71,6 +86,24 @@ def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     start_idx = torch.where(starts, idx, torch.zeros_like(idx))
     start_idx = torch.cummax(start_idx, dim=1).values
     return idx - start_idx
+
+
+def padding_positions(valid: torch.Tensor) -> torch.Tensor:
+    """Positions for a left-padded batch: `valid` (B, S) is True on real tokens. Real tokens count
+    0, 1, 2, ... from their row's first real token; padding gets 0 (its output is never used)."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def padding_attention_mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean (B, 1, q_len, S) mask for the last `q_len` of S = `valid.shape[1]` positions (prefill:
+    q_len = S; cached decode: q_len = 1, `valid` covering everything cached so far plus the new
+    tokens): causal, and real tokens never see padding. A padding query sees itself, so no row is
+    empty (an all-masked row is NaN in some attention kernels)."""
+    S = valid.shape[1]
+    q_idx = torch.arange(S - q_len, S, device=valid.device)[:, None]
+    k_idx = torch.arange(S, device=valid.device)[None, :]
+    mask = (k_idx <= q_idx) & valid[:, None, :]
+    return (mask | (k_idx == q_idx))[:, None]
 
 
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -119,10 +152,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, start_pos, k, v)
         is_causal = mask is None and T > 1
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None and q.device.type == "cuda":
+            # the CUDA kernel that takes a mask (memory-efficient) has no GQA mode, and SDPA would fall
+            # back to the slow math path: share the key/value heads explicitly instead
+            rep = self.n_heads // self.n_kv_heads
+            k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa,
         )
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -153,6 +191,81 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache, start_pos):
         x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `h @ weight.T` against `targets`, one chunk of rows at a time. The gradients
+    are formed in the forward pass from the chunk's softmax (softmax - one_hot), so neither the
+    (N, vocab) logits nor their log-softmax are ever stored: the largest buffer is one chunk's
+    logits. Same matmuls as the plain path, one exp pass fewer, and a fraction of its memory."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, summed: bool, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        valid = targets != ignore_index
+        some_ignored = not bool(valid.all())
+        safe_targets = targets.masked_fill(~valid, 0)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc, vc = h[s:s + chunk], safe_targets[s:s + chunk, None], valid[s:s + chunk]
+            logits = (hc @ weight.t()).float()
+            target_logit = logits.gather(1, tc)
+            if not (need_h or need_w):
+                loss += ((torch.logsumexp(logits, -1, keepdim=True) - target_logit).squeeze(1) * vc).sum()
+                continue
+            # one pass of exp gives both the log-sum-exp and the softmax (in place of the logits)
+            top = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(-1, keepdim=True)
+            loss += ((total.log() + top - target_logit).squeeze(1) * vc).sum()
+            grad = probs.div_(total)
+            grad.scatter_add_(1, tc, torch.full_like(total, -1.0))  # softmax - one_hot
+            if some_ignored:
+                grad.mul_(vc[:, None])
+            grad = grad.to(h.dtype)
+            if need_h:
+                torch.mm(grad, weight, out=grad_h[s:s + chunk])
+            if need_w and grad.dtype == torch.float32:
+                grad_w.addmm_(grad.t(), hc)
+            elif need_w:  # low-precision matmul, float32 accumulation across chunks
+                grad_w += (grad.t() @ hc).float()
+        denom = torch.ones((), device=h.device) if summed else valid.sum().clamp(min=1).float()
+        ctx.save_for_backward(grad_h, grad_w, denom)
+        ctx.weight_dtype = weight.dtype
+        return loss / denom
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w, denom = ctx.saved_tensors
+        scale = grad_loss / denom
+        gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
+
+
+@torch.compiler.disable  # a loop of large matmuls: nothing to fuse, and unrolling it would slow compiles
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         chunk_bytes: int | None = None) -> torch.Tensor:
+    """`F.cross_entropy(h @ weight.T, targets)` without materialising the logits: h (N, d), weight
+    (V, d), targets (N,). reduction "mean" (over targets != ignore_index) or "sum". Under autocast
+    the matmuls run in the autocast dtype and the softmax in float32. `chunk_bytes` bounds one
+    chunk's float32 logits (default 64 MiB on CPU, 256 MiB on GPU: few enough chunks that each
+    matmul stays large)."""
+    if chunk_bytes is None:
+        chunk_bytes = 2**26 if h.device.type == "cpu" else 2**28
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        h, w = h.to(dtype), weight.to(dtype)
+    else:
+        w = weight
+    chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, w, targets, ignore_index, reduction == "sum", chunk)
 
 
 class Llama(nn.Module):
@@ -192,12 +305,19 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, doc_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, start_pos: int = 0, return_hidden: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, start_pos: int = 0, return_hidden: bool = False,
+                targets: torch.Tensor | None = None, ignore_index: int = -100,
+                reduction: str = "mean") -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab) (or final hidden states with `return_hidden`).
+
+        targets:   (B, T) next-token ids: returns the cross-entropy loss instead of the logits
+                   (`reduction` "mean" over targets != ignore_index, or "sum"), computed in row
+                   chunks so the (B, T, vocab) logits never exist at once (see `linear_cross_entropy`).
 
         doc_ids:   (B, T) document index per token for packed sequences (no cross-document attention).
         positions: (B, T) explicit positions (e.g. left-padded generation); default start_pos + arange.
         attn_mask: explicit boolean mask (B, 1, T, S), True = may attend; overrides the default causal one.
+                   S = T without a cache, start_pos + T with one (see `padding_attention_mask`).
         cache/start_pos: KV cache for incremental decoding; `tokens` are positions start_pos.. of the sequence.
         """
         B, T = tokens.shape
@@ -207,8 +327,8 @@ class Llama(nn.Module):
                 positions = positions_from_doc_ids(doc_ids)
             if mask is None:
                 mask = document_causal_mask(doc_ids)
-        if positions is None:
-            positions = torch.arange(start_pos, start_pos + T, device=tokens.device).expand(B, T)
+        if positions is None:  # (1, T): the RoPE tables are shared by every row
+            positions = torch.arange(start_pos, start_pos + T, device=tokens.device)[None]
         if mask is None and cache is not None and start_pos > 0 and T > 1:
             # chunked prefill: causal within the chunk, full view of what is already cached
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
@@ -223,6 +343,9 @@ class Llama(nn.Module):
             else:
                 h = layer(h, cos, sin, mask, cache, start_pos)
         h = self.norm(h)
+        if targets is not None:
+            return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(),
+                                        ignore_index=ignore_index, reduction=reduction)
         return h if return_hidden else self.output(h)
 
     # -- accounting ----------------------------------------------------------------------------
@@ -278,18 +401,58 @@ def save_model(model: Llama, directory: str | Path, extra: dict | None = None) -
     return directory
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """The model directory behind `path`, which may be
+    - a model directory (holds openllama.json),
+    - a checkpoint step directory (holds model/openllama.json), or
+    - a run directory (holds checkpoints/latest, a text file naming the newest complete step
+      directory under checkpoints/; without it the highest-numbered complete step_* is used)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "model" / CONFIG_FILE).is_file():
+        return path / "model"
+    ckpts = path / "checkpoints"
+    if ckpts.is_dir():
+        latest = ckpts / "latest"
+        if latest.is_file():
+            name = latest.read_text(encoding="utf-8").strip()
+            step = ckpts / Path(name).name
+            if not (step / "model" / CONFIG_FILE).is_file():
+                raise UserError(f"{latest}: names {name!r}, but {step}/model is not a model directory")
+            return step / "model"
+        steps = sorted(p for p in ckpts.glob("step_*") if (p / "model" / CONFIG_FILE).is_file())
+        if steps:
+            return steps[-1] / "model"
+        raise UserError(f"{ckpts}: no complete checkpoint (no latest, no step_*/model/{CONFIG_FILE})")
+    if not path.exists():
+        raise UserError(f"{path}: no such directory")
+    raise UserError(f"{path}: not a model, checkpoint or run directory (no {CONFIG_FILE}, model/ or checkpoints/)")
+
+
+def find_tokenizer_dir(path: str | Path) -> Path | None:
+    """The directory holding the tokenizer files for the model behind `path`: the model directory
+    itself, its step directory, or the run directory (first that has tokenizer.json or .model)."""
+    path = Path(path)
+    model_dir = resolve_model_dir(path)
+    for d in (model_dir, model_dir.parent, model_dir.parent.parent.parent, path):
+        if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
+            return d
+    return None
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
-    """Load an openllama model directory written by `save_model`."""
+    """Load an openllama model written by `save_model`; `directory` may also be a checkpoint step
+    or run directory (see `resolve_model_dir`)."""
     from safetensors.torch import load_file
 
-    from .errors import UserError
-
-    directory = Path(directory)
+    directory = resolve_model_dir(directory)
     meta_path = directory / CONFIG_FILE
-    if not meta_path.is_file():
-        raise UserError(f"{directory}: not an openllama model directory (no {CONFIG_FILE})")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    cfg = ModelConfig.model_validate(meta["model"])
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        cfg = ModelConfig.model_validate(meta["model"])
+    except (json.JSONDecodeError, KeyError, ValueError) as exc:
+        raise UserError(f"{meta_path}: not a valid openllama model config ({str(exc).splitlines()[0]})") from None
     with torch.device("meta"):
         model = Llama(cfg)
     state = load_file(str(directory / MODEL_FILE), device=str(device))
