@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str] | dict[str, tuple[str, str]]] = {
         "download": ("openllama.data.download", "resumable, checksummed download of a URL list"),
         "prepare": ("openllama.data.prepare", "read, clean, dedup and shard corpora into jsonl.zst + manifest"),
         "verify": ("openllama.data.shards", "check shards against their manifest"),
+        "builtin": ("openllama.data.builtin", "write the built-in demo corpus and tasks (generated from a seed)"),
         "tokenize": ("openllama.data.tokens", "pre-tokenise shards into memory-mapped token files"),
     },
     "tokenizer": {

@@ -1,0 +1,88 @@
+"""`openllama demo`: the recipe's defaults, its guards, and one end-to-end run on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from openllama import cli
+from openllama.errors import UserError
+from openllama.pipeline import DEFAULTS, load_demo_config, prepare_out_dir, scaled
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_configs_demo_yaml_is_the_built_in_recipe():
+    assert yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8")) == DEFAULTS
+    cfg = load_demo_config(str(ROOT / "configs" / "demo.yaml"), ["sft.train.max_steps=7", "align=[grpo]"])
+    assert cfg.sft["train"]["max_steps"] == 7 and cfg.align == ["grpo"]
+
+
+def test_bad_recipe_keys_name_the_key():
+    with pytest.raises(UserError, match="nope: unknown key"):
+        load_demo_config(None, ["nope=1"])
+    with pytest.raises(UserError, match="align"):
+        load_demo_config(None, ["align=[ppo]"])
+
+
+def test_minutes_scale_every_stage():
+    cfg = load_demo_config(None, [])
+    double = scaled(cfg, 2 * cfg.reference_minutes)
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
+        assert double.__getattribute__(stage)["train"]["max_steps"] == 2 * getattr(cfg, stage)["train"]["max_steps"]
+    assert scaled(cfg, cfg.reference_minutes / 100).pretrain["train"]["max_steps"] >= 2
+
+
+def test_out_dir_of_something_else_is_never_replaced(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a demo run directory"):
+        prepare_out_dir(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = cli.main(["demo", "--out", str(out), "--minutes", "0.2", "--no-progress",
+                     "data.eval_test=120", "data.eval_valid=60", "data.preference_pairs=200", "data.rl_prompts=100",
+                     "align=[dpo,grpo]", "grpo.grpo.eval_prompts=8", "eval.valid_batches=4"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "$ openllama pretrain --config" in printed and "openllama serve --model" in printed
+
+    # artefacts
+    for rel in ("report.md", "results.json", "accuracy.png", "hf/config.json", "pretrain/plots/loss.png",
+                "eval/base.json", "eval/sft.json", "eval/dpo.json", "eval/grpo.json", "configs/pretrain.yaml"):
+        assert (out / rel).is_file(), rel
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "95%" in report and "n = 120" in report
+
+    # the shards verify against their manifests (the same check `openllama data verify` runs)
+    assert cli.main(["data", "verify", str(out / "text" / "train")]) == 0
+
+    # SFT lowered the loss of held-out replies below the base model's
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    stages = {s["name"]: s for s in results["stages"]}
+    assert list(stages) == ["pretrain", "sft", "dpo", "grpo"]
+    assert stages["sft"]["tasks"]["reply_loss"] < stages["pretrain"]["tasks"]["reply_loss"]
+    for s in stages.values():
+        acc = s["tasks"]["overall"]
+        assert acc["n"] == 120 and acc["low"] <= acc["accuracy"] <= acc["high"]
+    assert stages["pretrain"]["eval"]["bits_per_byte"] > 0
+
+    # the export loads in stock transformers and computes what our model computes
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openllama.model import load_model
+
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ours = load_model(out / "grpo").eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4)
