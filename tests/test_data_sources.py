@@ -11,7 +11,8 @@ import pytest
 import zstandard
 
 from openllama.data import sources
-from openllama.data.clean import CleanConfig, content_hash, drop_reason, dup_line_fraction, normalise
+from openllama.data.clean import (CleanConfig, content_hash, drop_reason, dup_line_fraction, normalise,
+                                  normalise_utf8)
 from openllama.data.sources import BadRecord, Document, iter_documents, read_records, resolve_format
 from openllama.errors import UserError
 
@@ -141,3 +142,30 @@ def test_normalise_and_filters():
     assert drop_reason("a\nb\na\na\nc", CleanConfig(min_chars=1)) == "repetitive"
     assert drop_reason("a\nb\nc\nd\ne", CleanConfig(min_chars=1)) is None
     assert content_hash("same") == content_hash("same".encode()) != content_hash("Same")
+
+
+FAST_PATH_TEXTS = [
+    "plain ascii\nlines\nplain ascii\n\n \t\nend", "a\x00b\r\nc\td\x1b[0m\x85\x7f", "\x1c\n\x1c\n\x1c\nx\ny",
+    "caf\u00e9 \u00a9 \u00a0nbsp\n\u00a0\n\u3000\n\u3000\nline", "\u4e2d\u6587\n\u4e2d\u6587\n\u4e2d\u6587\n\u6587",
+    "\uff46\uff55\uff4c\uff4c \ufb01\x01", "   \n\n\t\n  \n", "x\ny\nx\ny\nx\ny", "\u0085\u0080\u009f\u00a0",
+]
+
+
+@pytest.mark.parametrize("nfkc", [False, True])
+def test_fast_paths_agree_with_the_plain_definitions(nfkc):
+    """normalise_utf8 and dup_line_fraction(clean_utf8=...) are speed-ups: same answers as the
+    str-only definitions, on ASCII, Latin-1 (0xC2 lead bytes), CJK, C0/C1 controls and blanks."""
+    for raw in FAST_PATH_TEXTS:
+        text, data = normalise_utf8(raw, nfkc)
+        assert text == normalise(raw, nfkc) and data == text.encode("utf-8")
+        for min_lines in (1, 4):
+            assert dup_line_fraction(text, min_lines, data) == dup_line_fraction(text, min_lines)
+    assert dup_line_fraction("x\ny\nx\ny\nx\ny", 4, b"x\ny\nx\ny\nx\ny") == pytest.approx(4 / 6)
+
+
+def test_json_lines_the_fast_parser_rejects_still_parse_as_the_standard_library_does(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(b'{"text": "nan meta", "meta": {"score": NaN, "big": 123456789012345678901234567890}}\n'
+                     b'{"text": "lone \\udc80 escape"}\n{"text": "fine"}\n')
+    recs = list(read_records(str(path), "jsonl"))
+    assert [r.text for r in recs] == ["nan meta", "lone \udc80 escape", "fine"]

@@ -97,6 +97,8 @@ BAD_INPUTS = {
     "nofield.jsonl": (b'{"text": "a fine document here"}\n{"body": "x"}\n', r"nofield\.jsonl:2: missing text field 'text'"),
     "badutf8.jsonl": (b'{"text": "a fine document here"}\n{"text": "\xc3\x28"}\n', r"badutf8\.jsonl:2: invalid UTF-8"),
     "empty.jsonl": (b"", r"empty\.jsonl: empty file"),
+    "surrogate.jsonl": (b'{"text": "a fine document here"}\n{"text": "a lone \\ud800 surrogate in here"}\n',
+                        r"surrogate\.jsonl:2: text is not valid Unicode \(lone surrogate"),
     "cut.jsonl.zst": (zstandard.ZstdCompressor().compress(
         b"".join(b'{"text": "document %d of a longer file"}\n' % i for i in range(20000)))[:-50],
         r"cut\.jsonl\.zst: cannot read compressed input: truncated zstd"),
@@ -111,6 +113,16 @@ def test_bad_input_is_an_error_naming_file_and_line_and_leaves_no_shards(tmp_pat
     with pytest.raises(UserError, match=message):
         prepare([str(tmp_path / name)], out, _opts(fmt="jsonl"))
     assert not (out / "manifest.json").exists() and not list(out.glob("*.zst")) and not list(out.glob(".spool*"))
+
+
+def test_a_lone_surrogate_in_the_source_name_is_a_bad_record(tmp_path):
+    path = tmp_path / "pile.jsonl"
+    path.write_bytes(b'{"text": "a fine document here", "meta": {"pile_set_name": "P\\udc80"}}\n'
+                     b'{"text": "another fine document", "meta": {"pile_set_name": "Pile-CC"}}\n')
+    with pytest.raises(UserError, match=r"pile\.jsonl:1: source name is not valid Unicode"):
+        prepare([str(path)], tmp_path / "out", _opts(fmt="pile"))
+    manifest = prepare([str(path)], tmp_path / "out", _opts(fmt="pile", on_error="skip"), overwrite=True)
+    assert (manifest["totals"]["errors"], manifest["totals"]["kept"], list(manifest["sources"])) == (1, 1, ["Pile-CC"])
 
 
 def test_on_error_skip_counts_bad_records_in_the_manifest(tmp_path):

@@ -15,7 +15,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import zstandard
 
@@ -32,22 +32,39 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}{SHARD_SUFFIX}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
+def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write to a temporary sibling, fsync, rename: readers see the old file or the whole new one.
+    `data` may be several pieces, written in order."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        f.write(data)
+        for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+            f.write(piece)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def write_shard(path: Path, lines: bytes, level: int = ZSTD_LEVEL) -> dict[str, Any]:
-    """Compress newline-terminated JSON lines into one zstd frame, atomically; its manifest entry."""
-    data = zstandard.ZstdCompressor(level=level).compress(lines)
-    atomic_write_bytes(path, data)
-    return {"name": path.name, "num_lines": lines.count(b"\n"), "num_bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(), "text_bytes": len(lines)}
+def write_shard(path: Path, lines: bytes | Sequence[bytes | memoryview], level: int = ZSTD_LEVEL,
+                num_lines: int | None = None) -> dict[str, Any]:
+    """Compress newline-terminated JSON lines (one buffer, or several that together hold them,
+    e.g. memoryviews into a spool) into one zstd frame, atomically; its manifest entry.
+
+    Streaming compression: no copy joins the pieces, and the frame's bytes depend only on the
+    concatenated lines (and level), not on how they are split into pieces. `num_lines`: the
+    caller's count of the lines, if it knows it (else they are counted)."""
+    pieces = [lines] if isinstance(lines, (bytes, bytearray, memoryview)) else lines
+    size = sum(memoryview(p).nbytes for p in pieces)
+    cobj = zstandard.ZstdCompressor(level=level).compressobj(size=size)
+    out = [cobj.compress(p) for p in pieces]
+    out.append(cobj.flush())
+    digest = hashlib.sha256()
+    for chunk in out:
+        digest.update(chunk)
+    atomic_write_bytes(path, out)
+    if num_lines is None:
+        num_lines = sum(bytes(p).count(b"\n") for p in pieces)
+    return {"name": path.name, "num_lines": num_lines,
+            "num_bytes": sum(map(len, out)), "sha256": digest.hexdigest(), "text_bytes": size}
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+import orjson
 import zstandard
 
 from ..errors import UserError
@@ -150,22 +151,35 @@ def strip_compression(name: str) -> str:
 # JSON records: lines or one array, streamed
 
 
+def _parse_json_line(raw: bytes, where: str) -> Any:
+    """A line as the standard library parses it, or a BadRecord saying why it cannot be.
+
+    orjson (several times faster, parsing the bytes without a separate decode) answers for every
+    line it accepts; what it rejects goes to the standard library, which keeps the last word (it
+    also takes NaN, >64-bit integers and lone surrogates) and words the error message."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord(where, f"invalid UTF-8 at byte {exc.start}")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        return BadRecord(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+
+
 def _iter_json_lines(stream: BinaryIO, path: str) -> Iterator[tuple[str, Any] | BadRecord]:
     lineno = 0
     for raw in stream:
         lineno += 1
+        if raw.isspace():  # blank line (the iterator never yields b"")
+            continue
         where = f"{path}:{lineno}"
-        if not raw.strip():
-            continue
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield BadRecord(where, f"invalid UTF-8 at byte {exc.start}")
-            continue
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield BadRecord(where, f"not valid JSON ({exc.msg} at column {exc.colno})")
+        obj = _parse_json_line(raw, where)
+        yield obj if isinstance(obj, BadRecord) else (where, obj)
 
 
 def _iter_json_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, Any] | BadRecord]:
