@@ -3,8 +3,9 @@
     RUN/checkpoints/step_0000100/
         model/          an openllama model directory (save_model) + the tokenizer files: export,
                         evaluate and generate read it as it is
-        state/          optimizer.pt, scheduler.pt, rng_rank{R}.pt (python, numpy, torch CPU + CUDA,
-                        one per rank), trainer.json (step, tokens seen, data position, objective state)
+        state/          optimizer.pt (full state keyed by parameter name: loads at any world size and
+                        strategy), scheduler.pt, rng_rank{R}.pt (python, numpy, torch CPU + CUDA, one
+                        per rank), trainer.json (step, tokens seen, data position, objective state)
         COMPLETE        written last
     RUN/checkpoints/latest   text: the name of the newest complete step directory
 
@@ -15,6 +16,7 @@ kill at any moment leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -100,6 +102,68 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, read-only or vanished directory)."""
+
+
+FAULT_ENV = "OPENLLAMA_FAULT_PAUSE"
+
+
+def _fault_point(step: int, point: str) -> None:
+    """Fault-injection hook for tests/test_faults.py: with OPENLLAMA_FAULT_PAUSE=STEP:POINT:MARKER
+    rank 0 stops at POINT of saving STEP ("before_complete": every file written but COMPLETE;
+    "before_latest": renamed into place, `latest` not yet updated), creates the file MARKER and
+    waits to be killed."""
+    spec = os.environ.get(FAULT_ENV, "").split(":", 2)
+    if len(spec) == 3 and spec[:2] == [str(step), point]:
+        import time
+
+        Path(spec[2]).write_text(point, encoding="utf-8")
+        time.sleep(3600)
+
+
+def _write_failure(exc: BaseException, root: Path) -> OSError | None:
+    """The OSError behind a failed write, or None if `exc` is not one. torch.save's zip writer
+    (RuntimeError) and safetensors (SafetensorError) drop the errno, so look at the filesystem."""
+    if isinstance(exc, OSError):
+        return exc if exc.strerror else OSError(errno.EIO, str(exc))
+    if not isinstance(exc, RuntimeError) and type(exc).__name__ != "SafetensorError":
+        return None
+    try:
+        fs = os.statvfs(root)
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(root))
+    if fs.f_bavail * fs.f_frsize < (1 << 20) or "No space left" in str(exc):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root))
+    return None
+
+
+class _GatheredModel:
+    """What save_model reads from a model (`cfg`, `state_dict()`), for weights gathered from shards."""
+
+    def __init__(self, cfg, state: dict[str, torch.Tensor]):
+        self.cfg, self._state = cfg, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def _optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """Keyed by parameter name with full tensors (loads at any world size and strategy); a model the
+    name mapping cannot describe (e.g. an optimizer over parameters outside it) keeps the plain form."""
+    from .distributed import full_optimizer_state, is_sharded
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+    if is_sharded(model):
+        return full_optimizer_state(model, inner)
+    try:
+        return full_optimizer_state(model, inner)
+    except (KeyError, RuntimeError, ValueError):
+        return inner.state_dict()
+
+
 class CheckpointManager:
     """Saves and finds checkpoints of one run. Every rank calls `save` (each writes its RNG state);
     rank 0 writes everything else and publishes the directory. `barrier` synchronises ranks."""
@@ -114,34 +178,61 @@ class CheckpointManager:
 
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict,
              extra_state: dict[str, object] | None = None) -> Path:
+        """Every rank calls this (collective under FSDP2). A failed write (disk full, read-only
+        directory) removes the partial directory and raises CheckpointWriteError; the previous
+        checkpoint and `latest` are untouched."""
+        from .distributed import full_model_state, is_sharded
+
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (tmp / "state").mkdir(parents=True)
-        self.barrier()
-        torch.save(rng_state(), tmp / "state" / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:
-            # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint
-            (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
-            copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
-            torch.save(optimizer.state_dict(), tmp / "state" / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "state" / "scheduler.pt")
-            for name, obj in (extra_state or {}).items():
-                torch.save(obj, tmp / "state" / f"{name}.pt")
-            (tmp / "state" / "trainer.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
-        self.barrier()
-        if self.rank == 0:
-            (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
-            _fsync_tree(tmp)
-            if final.exists():  # a re-run of the same step after a resume: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            write_text_atomic(self.root / LATEST, final.name + "\n")
-            self._prune()
+        sharded = is_sharded(model)
+        # gathered on every rank (collective); full tensors on rank 0 only
+        model_state = full_model_state(model) if sharded else None
+        optimizer_state = _optimizer_state(model, optimizer)
+        try:
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                (tmp / "state").mkdir(parents=True)
+            self.barrier()
+            torch.save(rng_state(), tmp / "state" / f"rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                if sharded:
+                    if hasattr(model, "save_checkpoint"):
+                        raise UserError("train.strategy=fsdp2 cannot save a wrapped model (LoRA, reward head) yet")
+                    save_model(_GatheredModel(model.cfg, model_state), tmp / "model")
+                else:
+                    # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint
+                    (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
+                copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
+                torch.save(optimizer_state, tmp / "state" / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "state" / "scheduler.pt")
+                for name, obj in (extra_state or {}).items():
+                    torch.save(obj, tmp / "state" / f"{name}.pt")
+                (tmp / "state" / "trainer.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+            self.barrier()
+            if self.rank == 0:
+                _fault_point(step, "before_complete")
+                (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
+                _fsync_tree(tmp)
+                if final.exists():  # a re-run of the same step after a resume: replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+                _fault_point(step, "before_latest")
+                write_text_atomic(self.root / LATEST, final.name + "\n")
+                self._prune()
+        except Exception as exc:  # ENOSPC, EROFS, EACCES, EDQUOT ...: say what and where, keep the last good one
+            cause = _write_failure(exc, self.root)
+            if cause is None:
+                raise
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest()
+            raise CheckpointWriteError(
+                f"{cause.filename or tmp}: cannot write checkpoint {final.name} ({cause.strerror}); "
+                f"last good checkpoint: {previous if previous is not None else 'none'}") from None
         self.barrier()
         return final
 

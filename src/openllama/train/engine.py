@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 from ..config import Precision, Section, dump_config
 from ..errors import UserError
 from . import checkpoint as ckpt
+from .distributed import check_launch, check_world, load_optimizer_state, scalar, shard_model
 from .metrics import MetricsLog, SpikeDetector, Throughput, peak_flops, truncate_metrics
 from .schedule import lr_multiplier
 
@@ -76,6 +77,8 @@ class TrainConfig(Section):
     trackers: list[Literal["tensorboard", "wandb"]] = []
     max_nonfinite_in_a_row: int = Field(5, gt=0)
     spike_factor: float = Field(2.0, gt=1)  # a loss above this x its running mean is logged as a spike
+    strategy: Literal["auto", "ddp", "fsdp2"] = "auto"  # auto: fsdp2 when launched with an FSDP2 accelerate
+    # config, else ddp; fsdp2 shards params/grads/optimizer state (train/distributed.py, docs/scaling.md)
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -149,12 +152,16 @@ def _make_accelerator(tc: TrainConfig, out: Path):
 
     # Accelerate only goes MULTI_CPU (gloo) under torchrun when told cpu=True (see NOTES.md)
     cpu = tc.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    strategy = check_launch(tc.strategy, cpu or not torch.cuda.is_available())
     try:
-        return Accelerator(mixed_precision=resolve_precision(tc), cpu=cpu, log_with=tc.trackers or None,
-                           project_dir=str(out))
+        accelerator = Accelerator(mixed_precision=resolve_precision(tc), cpu=cpu, log_with=tc.trackers or None,
+                                  project_dir=str(out))
     except (ImportError, ValueError) as exc:
         raise UserError(f"train.trackers={tc.trackers}: {exc} (install the extra, e.g. "
                         f"pip install 'openllama[tensorboard]')") from None
+    check_world(accelerator.num_processes)
+    # FSDP2 over one process is plain training (same checkpoints), so it needs no process group
+    return accelerator, ("fsdp2" if strategy == "fsdp2" and accelerator.num_processes > 1 else "ddp")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +176,7 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
     tc: TrainConfig = cfg.train
     oc: OptimConfig = cfg.optim
     out = Path(out_dir)
-    accelerator = _make_accelerator(tc, out)
+    accelerator, strategy = _make_accelerator(tc, out)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     manager = ckpt.CheckpointManager(out, rank=rank, keep_last=tc.keep_last, barrier=accelerator.wait_for_everyone,
@@ -180,9 +187,12 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
     if resume and latest is None and main:
         print(f"note: {out} has no complete checkpoint yet; starting from step 0")
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
-        ckpt.copy_tokenizer_files(manager.tokenizer_dir, out / "tokenizer")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
+            ckpt.copy_tokenizer_files(manager.tokenizer_dir, out / "tokenizer")
+        except OSError as exc:  # checked before any training: an unwritable --out fails in seconds
+            raise UserError(f"{exc.filename or out}: cannot write the run directory ({exc.strerror or exc})") from None
     accelerator.wait_for_everyone()
 
     from accelerate.utils import set_seed
@@ -197,12 +207,19 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
             ckpt.load_weights(latest, raw_model)
     raw_model.to(device)
     raw_model.gradient_checkpointing = tc.activation_checkpointing
+    if strategy == "fsdp2":  # shard first: the optimizer must hold the sharded parameters
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        shard_model(raw_model, device, resolve_precision(tc),
+                    reshard_after_forward=getattr(plugin, "reshard_after_forward", True) is not False)
     optimizer = build_optimizer(raw_model, oc, device)
     steps_total = total_steps(tc, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
         s, steps_total, oc.schedule, oc.warmup_steps, oc.min_lr_ratio, oc.decay_fraction))
     # the scheduler is not prepared: Accelerate would step it once per process
-    model_p, optimizer = accelerator.prepare(raw_model, optimizer)
+    if strategy == "fsdp2":  # not prepared: under MULTI_CPU Accelerate would wrap the FSDP2 model in DDP
+        model_p = raw_model
+    else:
+        model_p, optimizer = accelerator.prepare(raw_model, optimizer)
     if tc.compile:
         model_p = torch.compile(model_p)
     if hasattr(objective, "setup"):
@@ -212,7 +229,7 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
     batches = objective.train_batches(rank, world)
     step, tokens_seen, spikes = 0, 0, SpikeDetector(tc.spike_factor)
     if latest is not None:
-        optimizer.load_state_dict(ckpt.load_state(latest, "optimizer"))
+        load_optimizer_state(raw_model, getattr(optimizer, "optimizer", optimizer), ckpt.load_state(latest, "optimizer"))
         scheduler.load_state_dict(ckpt.load_state(latest, "scheduler"))
         if accelerator.scaler is not None and (latest / "state" / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(ckpt.load_state(latest, "scaler"))
@@ -240,6 +257,7 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
         flops_tok = flops_per_token(raw_model.cfg, tc.seq_len)
     peak = peak_flops(device, torch.bfloat16 if resolve_precision(tc) == "bf16" else torch.float32) if main else None
     log.write({"kind": "event", "step": step, "event": "resume" if latest else "start", "world": world,
+               "strategy": strategy,
                "device": str(device), "precision": resolve_precision(tc), "max_steps": steps_total,
                "peak_flops": peak})
 
@@ -254,7 +272,8 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
     saved = latest
 
     def save(at: int) -> Path:
-        trainer_state = {"step": at, "tokens_seen": tokens_seen, "world": world, "data": batches.state_dict(),
+        trainer_state = {"step": at, "tokens_seen": tokens_seen, "world": world, "strategy": strategy,
+                         "data": batches.state_dict(),
                          "spike_ema": spikes.ema, "spike_count": spikes.count}
         extra = {}
         if accelerator.scaler is not None:
@@ -289,14 +308,19 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
             for micro in range(tc.grad_accum_steps):
                 batch = _to_device(next(batches), device)
                 last = micro == tc.grad_accum_steps - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model_p):
+                if strategy == "fsdp2":  # reduce-scatter gradients once, after the last micro-batch
+                    model_p.set_requires_gradient_sync(last)
+                with contextlib.nullcontext() if last or strategy == "fsdp2" else accelerator.no_sync(model_p):
                     loss, metrics, n = objective.loss(model_p, batch)
                     accelerator.backward(loss / tc.grad_accum_steps)
                 loss_sum += loss.detach().float()
                 n_tokens += int(n)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
-            grad_norm = accelerator.clip_grad_norm_(model_p.parameters(), oc.grad_clip or float("inf"))
+            if strategy == "fsdp2":  # DTensor-aware; Accelerate's version looks for models it prepared
+                grad_norm = torch.nn.utils.clip_grad_norm_(model_p.parameters(), oc.grad_clip or float("inf"))
+            else:
+                grad_norm = accelerator.clip_grad_norm_(model_p.parameters(), oc.grad_clip or float("inf"))
             # one all-reduce for loss, tokens and the objective's metrics (the same on every rank after)
             keys = sorted(sums)
             packed = torch.tensor([float(n_tokens)] + [sums[k] for k in keys], device=device, dtype=torch.float64)
@@ -304,7 +328,7 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
             loss_value = float(packed[0]) / (tc.grad_accum_steps * world)
             step_tokens = int(packed[1])
             metric_values = {k: float(packed[2 + i]) / (tc.grad_accum_steps * world) for i, k in enumerate(keys)}
-            grad_norm_value = float(grad_norm)
+            grad_norm_value = scalar(grad_norm)
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
             if finite:
                 optimizer.step()

@@ -1,0 +1,135 @@
+"""How the engine spreads a model over ranks: the strategy check and FSDP2.
+
+Strategies (`train.strategy`):
+    ddp     Accelerate's data parallel (DDP on GPUs, gloo on CPUs); also what one process runs.
+    fsdp2   PyTorch FSDP2: `fully_shard` on every `Block`, then on the root, over a 1-D device mesh
+            of all ranks. Parameters, gradients and optimizer state are sharded.
+    auto    what the launch asks for: fsdp2 under `accelerate launch --config_file fsdp2.yaml`
+            (ACCELERATE_USE_FSDP=true), else ddp.
+
+FSDP2 is applied here, not through `accelerator.prepare`, on CPU and GPU alike: Accelerate never turns
+FSDP on for CPU processes (it silently runs DDP instead), and one code path means the CPU tests
+exercise exactly what a GPU run does. The unit layout is the one Accelerate's FSDP2 plugin builds
+(each Block, then the root, which holds the tied embedding/output weight once).
+
+Checkpoints stay world-size free under every strategy: `full_model_state` and `full_optimizer_state`
+gather full tensors (collective calls: every rank must make them; under DDP or one process they are
+plain state dicts). The optimizer state is keyed by parameter name, so it loads into a model sharded
+over any number of ranks, or not sharded at all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+from ..errors import UserError
+
+Strategy = Literal["auto", "ddp", "fsdp2"]
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_launch(requested: Strategy, cpu: bool) -> str:
+    """Reconcile `train.strategy` with what the launcher exported, before any process group exists.
+    Returns "ddp" or "fsdp2"; a contradiction is a one-line UserError."""
+    fsdp_env = _env_true("ACCELERATE_USE_FSDP")
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):  # Accelerate would silently ignore it on CPU
+        if cpu:
+            raise UserError("the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but this run is on CPU, "
+                            "where Accelerate silently ignores DeepSpeed; use train.strategy=fsdp2 or ddp "
+                            "(see docs/scaling.md, DeepSpeed)")
+        # the loop clips, accumulates and checkpoints itself; DeepSpeed's engine wants to own all three
+        # (its clip returns None, its micro batch 'auto' values need a DataLoader): not wired up yet
+        raise UserError("the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), which the training engine "
+                        "does not drive yet; launch with configs/accelerate/fsdp2.yaml (ZeRO-3-style sharding) "
+                        "or ddp.yaml (see docs/scaling.md)")
+    if fsdp_env:
+        version = os.environ.get("FSDP_VERSION", "1").strip()
+        if version != "2":
+            raise UserError(f"the launch asks for FSDP version {version} (FSDP_VERSION); the engine supports FSDP2 "
+                            f"only: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp2.yaml)")
+        if requested == "ddp":
+            raise UserError("train.strategy=ddp but the launch asks for FSDP (ACCELERATE_USE_FSDP=true); "
+                            "set train.strategy=fsdp2 or auto, or launch with configs/accelerate/ddp.yaml")
+        return "fsdp2"
+    return "fsdp2" if requested == "fsdp2" else "ddp"
+
+
+def check_world(num_processes: int) -> None:
+    """The accelerator must see every process the launcher started (Accelerate on a CPU machine
+    without cpu=True silently makes each process a run of its own)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if num_processes != launched:
+        raise UserError(f"the launcher started {launched} processes (WORLD_SIZE) but the accelerator joined "
+                        f"{num_processes}; on a machine without GPUs set train.cpu=true")
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, mixed_precision: str,
+                reshard_after_forward: bool = True) -> torch.nn.Module:
+    """fully_shard each Block, then the root, over all ranks; the model must already be on `device`.
+    Returns the same module object (FSDP2 shards in place)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mixed_precision == "fp16":
+        raise UserError("train.precision=fp16 is not supported with train.strategy=fsdp2 (use bf16 or fp32)")
+    if hasattr(model, "save_checkpoint"):  # its checkpoint would need its own gather; refuse before training
+        raise UserError(f"train.strategy=fsdp2 does not support {type(model).__name__} (LoRA, reward head) yet; use ddp")
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise UserError(f"train.strategy=fsdp2: {type(model).__name__} has no `layers` to shard (use ddp)")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kwargs: dict = {"mesh": mesh}
+    if mixed_precision == "bf16":  # bf16 compute and all-gathers, fp32 master weights and gradient reduction
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in layers:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU tensors by parameter name (collective under FSDP2; only rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state keyed by parameter name with full tensors (collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a state saved by `full_optimizer_state` (any world size, any strategy), or the plain
+    `optimizer.state_dict()` of older checkpoints (integer keys; same strategy only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if all(isinstance(p, int) for g in state["param_groups"] for p in g["params"]):
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    for group in optimizer.param_groups:  # comes back as a list; AdamW's own state_dict keeps a tuple
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+
+
+def scalar(value) -> float:
+    """A norm from clip_grad_norm_ as a float: FSDP2 returns a DTensor."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
