@@ -38,7 +38,7 @@ def test_override_values_are_yaml():
 def test_cli_config_error_is_one_line_exit_2(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  dim: [1]\n")
-    proc = subprocess.run([sys.executable, "-m", "openllama.cli", "pretrain", "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "openllama.cli", "pretrain", "--config", str(path), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
