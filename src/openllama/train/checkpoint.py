@@ -5,7 +5,9 @@
                         evaluate and generate read it as it is
         state/          optimizer.pt (full state keyed by parameter name: loads at any world size and
                         strategy), scheduler.pt, rng_rank{R}.pt (python, numpy, torch CPU + CUDA, one
-                        per rank), trainer.json (step, tokens seen, data position, objective state)
+                        per rank), trainer.json (step, tokens seen, data position, objective state);
+                        under DeepSpeed no optimizer.pt but deepspeed/ (DeepSpeed's own save_checkpoint:
+                        the module and one ZeRO optimizer partition per rank; same world size to resume)
         COMPLETE        written last
     RUN/checkpoints/latest   text: the name of the newest complete step directory
 
@@ -33,6 +35,7 @@ from ..model import CONFIG_FILE, save_model
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STEP_RE = re.compile(r"^step_(\d{7,})$")
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "zero"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -177,10 +180,11 @@ class CheckpointManager:
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict,
-             extra_state: dict[str, object] | None = None) -> Path:
-        """Every rank calls this (collective under FSDP2). A failed write (disk full, read-only
-        directory) removes the partial directory and raises CheckpointWriteError; the previous
-        checkpoint and `latest` are untouched."""
+             extra_state: dict[str, object] | None = None, deepspeed_engine=None) -> Path:
+        """Every rank calls this (collective under FSDP2 and DeepSpeed). A failed write (disk full,
+        read-only directory) removes the partial directory and raises CheckpointWriteError; the
+        previous checkpoint and `latest` are untouched. With `deepspeed_engine` (ZeRO-1/2: `model`
+        holds the full parameters on every rank) the optimizer state is DeepSpeed's own checkpoint."""
         from .distributed import full_model_state, is_sharded
 
         final = self.root / step_dir_name(step)
@@ -188,7 +192,7 @@ class CheckpointManager:
         sharded = is_sharded(model)
         # gathered on every rank (collective); full tensors on rank 0 only
         model_state = full_model_state(model) if sharded else None
-        optimizer_state = _optimizer_state(model, optimizer)
+        optimizer_state = _optimizer_state(model, optimizer) if deepspeed_engine is None else None
         try:
             if self.rank == 0:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -197,6 +201,9 @@ class CheckpointManager:
                 (tmp / "state").mkdir(parents=True)
             self.barrier()
             torch.save(rng_state(), tmp / "state" / f"rng_rank{self.rank}.pt")
+            if deepspeed_engine is not None:  # collective: every rank writes its ZeRO partition
+                deepspeed_engine.save_checkpoint(str(tmp / "state" / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                                 save_latest=False)
             if self.rank == 0:
                 if sharded:
                     if hasattr(model, "save_checkpoint"):
@@ -206,7 +213,8 @@ class CheckpointManager:
                     # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint
                     (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
                 copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
-                torch.save(optimizer_state, tmp / "state" / "optimizer.pt")
+                if optimizer_state is not None:
+                    torch.save(optimizer_state, tmp / "state" / "optimizer.pt")
                 torch.save(scheduler.state_dict(), tmp / "state" / "scheduler.pt")
                 for name, obj in (extra_state or {}).items():
                     torch.save(obj, tmp / "state" / f"{name}.pt")
@@ -296,6 +304,32 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
 def load_state(ckpt: Path, name: str, map_location="cpu"):
     # our own files (optimizer/scheduler/RNG state, including numpy RNG tuples): full unpickling
     return torch.load(ckpt / "state" / f"{name}.pt", map_location=map_location, weights_only=False)
+
+
+def check_resume_topology(ckpt: Path, strategy: str, world: int) -> None:
+    """A DeepSpeed checkpoint holds one ZeRO optimizer partition per rank: it resumes under DeepSpeed
+    at the world size that wrote it, and the other strategies' name-keyed optimizer.pt cannot be
+    loaded into DeepSpeed's flat partitions. Anything else resumes anywhere (see docs/scaling.md)."""
+    state = load_trainer_state(ckpt)
+    saved, saved_world = state.get("strategy", "ddp"), state.get("world")
+    has_ds = (ckpt / "state" / DEEPSPEED_DIR).is_dir()
+    if strategy == "deepspeed" and not has_ds:
+        raise UserError(f"{ckpt}: written under train.strategy={saved}, which DeepSpeed cannot resume; resume it with "
+                        f"train.strategy={saved} (or start a new run from its model/ directory)")
+    if strategy != "deepspeed" and has_ds and not (ckpt / "state" / "optimizer.pt").is_file():
+        raise UserError(f"{ckpt}: a DeepSpeed checkpoint; resume it with train.strategy=deepspeed at {saved_world} "
+                        f"processes (or start a new run from its model/ directory)")
+    if strategy == "deepspeed" and saved_world != world:
+        raise UserError(f"{ckpt}: DeepSpeed checkpoint written by {saved_world} processes, resumed by {world}; ZeRO "
+                        f"optimizer partitions resume only at the same world size (launch {saved_world} processes)")
+
+
+def load_deepspeed_state(ckpt: Path, engine) -> None:
+    """Every rank restores the module and its own ZeRO optimizer partition (exact, same world size)."""
+    path, _ = engine.load_checkpoint(str(ckpt / "state" / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=True,
+                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise UserError(f"{ckpt / 'state' / DEEPSPEED_DIR}: DeepSpeed could not load this checkpoint")
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -4,8 +4,11 @@ Strategies (`train.strategy`):
     ddp     Accelerate's data parallel (DDP on GPUs, gloo on CPUs); also what one process runs.
     fsdp2   PyTorch FSDP2: `fully_shard` on every `Block`, then on the root, over a 1-D device mesh
             of all ranks. Parameters, gradients and optimizer state are sharded.
+    deepspeed  DeepSpeed ZeRO stage 1 or 2 through Accelerate's DeepSpeedPlugin (optional extra):
+            optimizer state (ZeRO-1) and gradients (ZeRO-2) sharded, full parameters on every rank.
     auto    what the launch asks for: fsdp2 under `accelerate launch --config_file fsdp2.yaml`
-            (ACCELERATE_USE_FSDP=true), else ddp.
+            (ACCELERATE_USE_FSDP=true), deepspeed under a deepspeed_zero*.yaml
+            (ACCELERATE_USE_DEEPSPEED=true), else ddp.
 
 FSDP2 is applied here, not through `accelerator.prepare`, on CPU and GPU alike: Accelerate never turns
 FSDP on for CPU processes (it silently runs DDP instead), and one code path means the CPU tests
@@ -27,7 +30,7 @@ import torch
 
 from ..errors import UserError
 
-Strategy = Literal["auto", "ddp", "fsdp2"]
+Strategy = Literal["auto", "ddp", "fsdp2", "deepspeed"]
 
 
 def _env_true(name: str) -> bool:
@@ -36,18 +39,20 @@ def _env_true(name: str) -> bool:
 
 def check_launch(requested: Strategy, cpu: bool) -> str:
     """Reconcile `train.strategy` with what the launcher exported, before any process group exists.
-    Returns "ddp" or "fsdp2"; a contradiction is a one-line UserError."""
+    Returns "ddp", "fsdp2" or "deepspeed"; a contradiction is a one-line UserError. `cpu` is
+    train.cpu: Accelerator(cpu=True) silently ignores DeepSpeed, so the two cannot go together."""
     fsdp_env = _env_true("ACCELERATE_USE_FSDP")
-    if _env_true("ACCELERATE_USE_DEEPSPEED"):  # Accelerate would silently ignore it on CPU
-        if cpu:
-            raise UserError("the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but this run is on CPU, "
-                            "where Accelerate silently ignores DeepSpeed; use train.strategy=fsdp2 or ddp "
-                            "(see docs/scaling.md, DeepSpeed)")
-        # the loop clips, accumulates and checkpoints itself; DeepSpeed's engine wants to own all three
-        # (its clip returns None, its micro batch 'auto' values need a DataLoader): not wired up yet
-        raise UserError("the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true), which the training engine "
-                        "does not drive yet; launch with configs/accelerate/fsdp2.yaml (ZeRO-3-style sharding) "
-                        "or ddp.yaml (see docs/scaling.md)")
+    if _env_true("ACCELERATE_USE_DEEPSPEED") or requested == "deepspeed":
+        if requested in ("ddp", "fsdp2"):
+            raise UserError(f"train.strategy={requested} but the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true); "
+                            f"set train.strategy=deepspeed or auto, or launch with configs/accelerate/ddp.yaml")
+        if fsdp_env:
+            raise UserError("the launch asks for both DeepSpeed and FSDP (ACCELERATE_USE_DEEPSPEED and "
+                            "ACCELERATE_USE_FSDP); pick one accelerate config")
+        if cpu:  # on a machine without GPUs leave train.cpu unset: DeepSpeed then runs on its CPU accelerator
+            raise UserError("train.cpu=true cannot run DeepSpeed (Accelerate silently ignores DeepSpeed under cpu=True); "
+                            "unset train.cpu, or use train.strategy=fsdp2 or ddp (see docs/scaling.md, DeepSpeed)")
+        return "deepspeed"
     if fsdp_env:
         version = os.environ.get("FSDP_VERSION", "1").strip()
         if version != "2":
@@ -58,6 +63,49 @@ def check_launch(requested: Strategy, cpu: bool) -> str:
                             "set train.strategy=fsdp2 or auto, or launch with configs/accelerate/ddp.yaml")
         return "fsdp2"
     return "fsdp2" if requested == "fsdp2" else "ddp"
+
+
+def deepspeed_plugin(grad_accum_steps: int, micro_batch_size: int, grad_clip: float | None, world: int,
+                     plugin=None):
+    """Accelerate's DeepSpeedPlugin with the batch and clipping values filled in from the training
+    config (`plugin`: the one `accelerate launch --config_file deepspeed_zero*.yaml` made, else a new
+    ZeRO-1 plugin, or stage ACCELERATE_DEEPSPEED_ZERO_STAGE). Accelerate fills DeepSpeed's `auto`
+    values from a DataLoader, which the engine does not use; a value the DeepSpeed config sets to
+    something else than the training config is refused rather than silently overridden."""
+    try:
+        import deepspeed  # noqa: F401  (fails here, with the reason, rather than inside prepare)
+    except Exception as exc:  # ImportError, or a build/accelerator error raised at import
+        raise UserError(f"train.strategy=deepspeed needs DeepSpeed: pip install 'openllama[deepspeed]' "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if plugin is None:
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin(zero_stage=int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")))
+    config = plugin.deepspeed_config
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in (1, 2):
+        raise UserError(f"DeepSpeed ZeRO stage {stage}: the engine drives ZeRO stages 1 and 2 (full parameters on "
+                        f"every rank); for sharded parameters use train.strategy=fsdp2 (configs/accelerate/fsdp2.yaml)")
+    ours = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum_steps,
+            "gradient_clipping": float(grad_clip or 0.0)}  # 0: DeepSpeed does not clip (the norm is still computed)
+    for key, value in ours.items():
+        theirs = config.get(key, "auto")
+        if theirs not in ("auto", None) and float(theirs) != float(value):
+            raise UserError(f"the DeepSpeed config sets {key}={theirs} but the training config says {value}; "
+                            f"remove {key} from the DeepSpeed/accelerate config (train.* and optim.grad_clip decide it)")
+        config[key] = value
+    config["train_batch_size"] = micro_batch_size * grad_accum_steps * world
+    return plugin
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks with torch.distributed itself (Accelerate's gather/reduce consult its own
+    process count, which is wrong for DeepSpeed on CPU); returns `tensor` reduced in place."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def check_world(num_processes: int) -> None:

@@ -30,7 +30,8 @@ from pydantic import Field, model_validator
 from ..config import Precision, Section, dump_config
 from ..errors import UserError
 from . import checkpoint as ckpt
-from .distributed import check_launch, check_world, load_optimizer_state, scalar, shard_model
+from .distributed import (all_reduce_sum, check_launch, check_world, deepspeed_plugin, load_optimizer_state, scalar,
+                          shard_model)
 from .metrics import MetricsLog, SpikeDetector, Throughput, peak_flops, truncate_metrics
 from .schedule import lr_multiplier
 
@@ -77,8 +78,9 @@ class TrainConfig(Section):
     trackers: list[Literal["tensorboard", "wandb"]] = []
     max_nonfinite_in_a_row: int = Field(5, gt=0)
     spike_factor: float = Field(2.0, gt=1)  # a loss above this x its running mean is logged as a spike
-    strategy: Literal["auto", "ddp", "fsdp2"] = "auto"  # auto: fsdp2 when launched with an FSDP2 accelerate
-    # config, else ddp; fsdp2 shards params/grads/optimizer state (train/distributed.py, docs/scaling.md)
+    strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"  # auto: fsdp2 / deepspeed when launched with
+    # an FSDP2 / DeepSpeed accelerate config, else ddp; fsdp2 shards params/grads/optimizer state, deepspeed is
+    # ZeRO-1/2 (train/distributed.py, docs/scaling.md)
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -147,19 +149,46 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _make_accelerator(tc: TrainConfig, out: Path):
+def _deepspeed_kwargs(tc: TrainConfig, oc: OptimConfig) -> dict[str, Any]:
+    """Accelerator arguments for DeepSpeed ZeRO-1/2: the plugin with our batch/clip values, and on a
+    machine without GPUs DeepSpeed's CPU accelerator over gloo (without an explicit backend
+    Accelerate counts one process while DeepSpeed's group has them all, see docs/scaling.md)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if tc.compile:
+        raise UserError("train.compile=true is not supported with train.strategy=deepspeed (use ddp or fsdp2)")
+    if int(os.environ.get("LOCAL_RANK", "-1")) == -1:  # Accelerate only sets DeepSpeed's process group up then
+        raise UserError("train.strategy=deepspeed needs a launcher, even for one process: accelerate launch "
+                        "--config_file configs/accelerate/deepspeed_zero1.yaml ..., or torchrun --nproc_per_node N")
+    kwargs: dict[str, Any] = {"gradient_accumulation_steps": tc.grad_accum_steps}
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    # accelerate launch put the ZeRO settings into the environment (ACCELERATE_DEEPSPEED_*); the plugin reads them
+    kwargs["deepspeed_plugin"] = deepspeed_plugin(tc.grad_accum_steps, tc.micro_batch_size, oc.grad_clip,
+                                                  int(os.environ.get("WORLD_SIZE", "1")))
+    return kwargs
+
+
+def _make_accelerator(tc: TrainConfig, oc: OptimConfig, out: Path):
     from accelerate import Accelerator
 
     # Accelerate only goes MULTI_CPU (gloo) under torchrun when told cpu=True (see NOTES.md)
     cpu = tc.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    strategy = check_launch(tc.strategy, cpu or not torch.cuda.is_available())
+    strategy = check_launch(tc.strategy, tc.cpu)
+    kwargs: dict[str, Any] = {}
+    if strategy == "deepspeed":
+        kwargs = _deepspeed_kwargs(tc, oc)
+        cpu = False  # Accelerator(cpu=True) would silently drop DeepSpeed
     try:
         accelerator = Accelerator(mixed_precision=resolve_precision(tc), cpu=cpu, log_with=tc.trackers or None,
-                                  project_dir=str(out))
+                                  project_dir=str(out), **kwargs)
     except (ImportError, ValueError) as exc:
         raise UserError(f"train.trackers={tc.trackers}: {exc} (install the extra, e.g. "
                         f"pip install 'openllama[tensorboard]')") from None
     check_world(accelerator.num_processes)
+    if strategy == "deepspeed":
+        return accelerator, strategy
     # FSDP2 over one process is plain training (same checkpoints), so it needs no process group
     return accelerator, ("fsdp2" if strategy == "fsdp2" and accelerator.num_processes > 1 else "ddp")
 
@@ -176,7 +205,7 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
     tc: TrainConfig = cfg.train
     oc: OptimConfig = cfg.optim
     out = Path(out_dir)
-    accelerator, strategy = _make_accelerator(tc, out)
+    accelerator, strategy = _make_accelerator(tc, oc, out)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     manager = ckpt.CheckpointManager(out, rank=rank, keep_last=tc.keep_last, barrier=accelerator.wait_for_everyone,
@@ -220,6 +249,7 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
         model_p = raw_model
     else:
         model_p, optimizer = accelerator.prepare(raw_model, optimizer)
+    ds_engine = model_p if strategy == "deepspeed" else None  # DeepSpeed's engine: owns accumulation, clip, step
     if tc.compile:
         model_p = torch.compile(model_p)
     if hasattr(objective, "setup"):
@@ -229,7 +259,12 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
     batches = objective.train_batches(rank, world)
     step, tokens_seen, spikes = 0, 0, SpikeDetector(tc.spike_factor)
     if latest is not None:
-        load_optimizer_state(raw_model, getattr(optimizer, "optimizer", optimizer), ckpt.load_state(latest, "optimizer"))
+        ckpt.check_resume_topology(latest, strategy, world)
+        if ds_engine is not None:
+            ckpt.load_deepspeed_state(latest, ds_engine)
+        else:
+            load_optimizer_state(raw_model, getattr(optimizer, "optimizer", optimizer),
+                                 ckpt.load_state(latest, "optimizer"))
         scheduler.load_state_dict(ckpt.load_state(latest, "scheduler"))
         if accelerator.scaler is not None and (latest / "state" / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(ckpt.load_state(latest, "scaler"))
@@ -281,7 +316,7 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
         if hasattr(objective, "state_dict"):
             extra["objective"] = objective.state_dict()
         # raw_model holds the trained parameters themselves (DDP / compile only wrap it)
-        return manager.save(at, raw_model, optimizer, scheduler, trainer_state, extra)
+        return manager.save(at, raw_model, optimizer, scheduler, trainer_state, extra, deepspeed_engine=ds_engine)
 
     def evaluate(at: int) -> dict:
         if not hasattr(objective, "evaluate"):
@@ -310,32 +345,43 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
                 last = micro == tc.grad_accum_steps - 1
                 if strategy == "fsdp2":  # reduce-scatter gradients once, after the last micro-batch
                     model_p.set_requires_gradient_sync(last)
-                with contextlib.nullcontext() if last or strategy == "fsdp2" else accelerator.no_sync(model_p):
+                if ds_engine is not None:  # DeepSpeed scales by 1/accumulation, reduces and steps at the boundary
+                    ds_engine.set_gradient_accumulation_boundary(last)
                     loss, metrics, n = objective.loss(model_p, batch)
-                    accelerator.backward(loss / tc.grad_accum_steps)
+                    ds_engine.backward(loss)
+                    ds_engine.step()  # clips to optim.grad_clip; skips the update on a non-finite gradient norm
+                else:
+                    with contextlib.nullcontext() if last or strategy == "fsdp2" else accelerator.no_sync(model_p):
+                        loss, metrics, n = objective.loss(model_p, batch)
+                        accelerator.backward(loss / tc.grad_accum_steps)
                 loss_sum += loss.detach().float()
                 n_tokens += int(n)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
-            if strategy == "fsdp2":  # DTensor-aware; Accelerate's version looks for models it prepared
+            if ds_engine is not None:  # the norm DeepSpeed clipped with (inf when it skipped the update)
+                grad_norm = ds_engine.get_global_grad_norm()
+                grad_norm = float("nan") if grad_norm is None else grad_norm
+            elif strategy == "fsdp2":  # DTensor-aware; Accelerate's version looks for models it prepared
                 grad_norm = torch.nn.utils.clip_grad_norm_(model_p.parameters(), oc.grad_clip or float("inf"))
             else:
                 grad_norm = accelerator.clip_grad_norm_(model_p.parameters(), oc.grad_clip or float("inf"))
             # one all-reduce for loss, tokens and the objective's metrics (the same on every rank after)
             keys = sorted(sums)
             packed = torch.tensor([float(n_tokens)] + [sums[k] for k in keys], device=device, dtype=torch.float64)
-            packed = accelerator.reduce(torch.cat([loss_sum.double().reshape(1), packed]), reduction="sum")
+            packed = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), packed]))
             loss_value = float(packed[0]) / (tc.grad_accum_steps * world)
             step_tokens = int(packed[1])
             metric_values = {k: float(packed[2 + i]) / (tc.grad_accum_steps * world) for i, k in enumerate(keys)}
             grad_norm_value = scalar(grad_norm)
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
             if finite:
-                optimizer.step()
+                if ds_engine is None:  # DeepSpeed stepped inside ds_engine.step() already
+                    optimizer.step()
                 nonfinite_run = 0
             else:
                 nonfinite_run += 1
-            optimizer.zero_grad(set_to_none=True)
+            if ds_engine is None:
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             tokens_seen += step_tokens
