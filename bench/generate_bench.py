@@ -5,6 +5,8 @@ prompts (random ids, equal length), greedy decoding and a fixed number of new to
 ignored). Decode tokens/s is measured free of prefill: each side runs with N and with 1 new
 token and the difference gives the decode time of N-1 steps. Repetitions are interleaved
 (ours, theirs, ours, ...) so machine noise hits both; the table shows medians and the ratio.
+Each time is taken twice: wall clock, and the process's CPU time, which on a shared machine
+leaves out the time the process waited for a core (the better measure with `--threads 1`).
 Greedy tokens of the two are compared as a correctness check.
 
 - CPU (default): float32, the `tiny` preset (~5M params).
@@ -40,12 +42,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device) -> float:
+def timed(fn, device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def ours_runner(gen: Generator, prompts: torch.Tensor):
@@ -66,8 +69,9 @@ def theirs_runner(hf, prompts: torch.Tensor):
     return run
 
 
-def decode_rate(runners: dict, batch: int, new_tokens: int, reps: int, device) -> dict[str, float]:
-    """tokens/s of decoding for each runner: batch * (N - 1) / (t(N) - t(1)), medians over reps."""
+def decode_rate(runners: dict, batch: int, new_tokens: int, reps: int, device) -> dict[str, tuple[float, float]]:
+    """tokens/s of decoding for each runner, (wall clock, CPU time): batch * (N - 1) / (t(N) - t(1)),
+    medians over reps."""
     for run in runners.values():  # warm-up (allocations, kernels, compile)
         run(new_tokens)
         run(1)
@@ -77,8 +81,11 @@ def decode_rate(runners: dict, batch: int, new_tokens: int, reps: int, device) -
         for name, run in runners.items():
             long[name].append(timed(lambda: run(new_tokens), device))
             short[name].append(timed(lambda: run(1), device))
-    return {k: batch * (new_tokens - 1) / max(statistics.median(long[k]) - statistics.median(short[k]), 1e-9)
-            for k in runners}
+
+    def rate(k: str, clock: int) -> float:
+        t = statistics.median(x[clock] for x in long[k]) - statistics.median(x[clock] for x in short[k])
+        return batch * (new_tokens - 1) / max(t, 1e-9)
+    return {k: (rate(k, 0), rate(k, 1)) for k in runners}
 
 
 def main() -> int:
@@ -112,8 +119,9 @@ def main() -> int:
     print(f"# torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
           f"{platform.processor() or platform.machine()}"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
-    print(f"{'batch':>5} | {'ours tok/s':>11} | {'transformers tok/s':>18} | {'ratio':>6}"
-          + (f" | {'ours+compile tok/s':>18} | {'ratio':>6}" if compiled else "") + " | same tokens")
+    print("tok/s: wall clock / CPU time; ratio: ours / transformers, wall / CPU")
+    print(f"{'batch':>5} | {'ours tok/s':>13} | {'transformers tok/s':>18} | {'ratio':>13}"
+          + (f" | {'ours+compile tok/s':>18} | {'ratio':>13}" if compiled else "") + " | same tokens")
     for batch in args.batches:
         prompts = torch.randint(3, cfg.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
         runners = {"ours": ours_runner(ours, prompts), "theirs": theirs_runner(hf, prompts.to(device))}
@@ -127,9 +135,14 @@ def main() -> int:
         if compiled and [c.token_ids for c in runners["compiled"](n)] != mine:
             same += " (compiled: NO)"
         rates = decode_rate(runners, batch, args.new_tokens, args.reps, device)
-        line = f"{batch:>5} | {rates['ours']:>11,.0f} | {rates['theirs']:>18,.0f} | {rates['ours'] / rates['theirs']:>5.2f}x"
+        def cell(k: str) -> str:
+            return f"{rates[k][0]:,.0f} / {rates[k][1]:,.0f}"
+
+        def ratio(k: str) -> str:
+            return f"{rates[k][0] / rates['theirs'][0]:.2f}x / {rates[k][1] / rates['theirs'][1]:.2f}x"
+        line = f"{batch:>5} | {cell('ours'):>13} | {cell('theirs'):>18} | {ratio('ours'):>13}"
         if compiled:
-            line += f" | {rates['compiled']:>18,.0f} | {rates['compiled'] / rates['theirs']:>5.2f}x"
+            line += f" | {cell('compiled'):>18} | {ratio('compiled'):>13}"
         print(line + f" | {same}", flush=True)
     return 0
 

@@ -235,3 +235,19 @@ def test_linear_cross_entropy_under_bf16_autocast():
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
     ref = F.cross_entropy(h @ w.t(), t)
     assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
+
+
+def test_rope_table_built_during_inference_serves_training():
+    """GRPO generates (inference mode) and then trains the same model: the cached RoPE table
+    first built under inference mode must be usable by autograd."""
+    import torch
+
+    from openllama.config import ModelConfig
+    from openllama.model import Llama
+
+    model = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16))
+    tokens = torch.randint(0, 64, (1, 8))
+    with torch.inference_mode():
+        model(tokens)
+    model(tokens).sum().backward()
+    assert model.tok_embeddings.weight.grad is not None

@@ -197,19 +197,23 @@ class TextStream:
 
 
 class StaticKVCache(KVCache):
-    """A KV cache whose tensors keep one shape for the whole generation.
+    """A KV cache whose buffers are allocated once for the whole generation.
 
-    `update` writes at the columns in `write_idx` (a tensor the generator sets before each
-    forward) and returns the full buffers; the attention mask hides the unwritten columns. The
-    `start` argument of `update` is ignored, so the model can be called with a constant
-    `start_pos` and a compiled decode step never recompiles as the position advances.
+    Eager (`static` False): a plain `KVCache`: writes at `start`, attention sees the filled columns.
+    Compiled (`static` True): `update` writes at the columns in `write_idx` (a tensor the generator
+    sets before each forward) and returns the full buffers, the attention mask hiding the unwritten
+    columns; `start` is ignored, so the model is called with a constant `start_pos` and the compiled
+    decode step never recompiles as the position advances.
     """
 
     def __init__(self, cfg, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         super().__init__(cfg, batch_size, max_len, device=device, dtype=dtype)
         self.write_idx = torch.zeros(1, dtype=torch.long, device=device)
+        self.static = False
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        if not self.static:
+            return super().update(layer, start, k, v)
         self.k[layer].index_copy_(2, self.write_idx, k)
         self.v[layer].index_copy_(2, self.write_idx, v)
         return self.k[layer], self.v[layer]
@@ -293,13 +297,15 @@ class Generator:
         self.eos_id = tokenizer.eos_id if tokenizer is not None else None
         pad = getattr(tokenizer, "pad_id", None)
         self.pad_id = pad if pad is not None and 0 <= pad < self.cfg.vocab_size else 0
+        self.compiled = compile
         self._step = self._forward
         if compile:
             self._step = torch.compile(self._forward, fullgraph=False, dynamic=False)
 
-    def _forward(self, tokens, positions, mask, cache):
-        # positions and cache.write_idx carry the position; start_pos stays a constant on purpose
-        return self.model(tokens, positions=positions, attn_mask=mask, cache=cache, start_pos=0)[:, -1]
+    def _forward(self, tokens, positions, mask, cache, start_pos: int = 0):
+        # compiled: positions and cache.write_idx carry the position, start_pos stays 0 on purpose
+        return self.model(tokens, positions=positions, attn_mask=mask, cache=cache, start_pos=start_pos,
+                          last_only=True)[:, -1]
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -369,9 +375,11 @@ class Generator:
         mask = (causal[None] & valid[:, None, :]) | (cols[None, None, :] == q_cols[None, :, None])
         positions = (q_cols[None, :] - pad[:, None]).clamp(min=0)
 
+        padded = bool((pad > 0).any())
         cache = StaticKVCache(self.cfg, B, S, device=dev, dtype=self.dtype)
-        cache.write_idx = q_cols
-        logits = self._forward(tokens, positions, mask[:, None], cache)  # prefill runs eager
+        # prefill runs eager, on the plain cache (columns 0..T-1); without padding it is simply causal
+        logits = self._forward(tokens, positions if padded else None, mask[:, None, :, :T] if padded else None, cache)
+        cache.static = self.compiled
 
         seen = torch.zeros(B, self.cfg.vocab_size, dtype=torch.bool, device=dev)
         if params.repetition_penalty != 1.0:
@@ -413,9 +421,15 @@ class Generator:
             if params.repetition_penalty != 1.0:
                 seen.scatter_(1, next_ids[:, None], True)
             col = T + step
-            valid[:, col] = True
-            cache.write_idx = cols[col:col + 1]
-            logits = self._step(next_ids[:, None], (col - pad)[:, None], valid[:, None, None, :], cache)
+            if self.compiled:  # one shape every step: full cache, mask over the unwritten columns
+                valid[:, col] = True
+                cache.write_idx = cols[col:col + 1]
+                logits = self._step(next_ids[:, None], (col - pad)[:, None], valid[:, None, None, :], cache)
+            elif padded:  # the cache's filled columns; the mask hides the padding
+                valid[:, col] = True
+                logits = self._step(next_ids[:, None], (col - pad)[:, None], valid[:, None, None, :col + 1], cache, col)
+            else:  # every row at the same position: no mask, positions from start_pos
+                logits = self._step(next_ids[:, None], None, None, cache, col)
 
         tail = [""] * B
         for i in range(B):

@@ -68,6 +68,36 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
     return emb.cos()[:, None], emb.sin()[:, None]
 
 
+class RopeTable:
+    """cos/sin of positions 0..n-1, computed once per device and indexed per forward (the same
+    numbers `rope_cos_sin` gives). Saves a dozen small ops a forward: a real share of a decode step."""
+
+    def __init__(self, head_dim: int, theta: float, length: int):
+        self.head_dim, self.theta, self.length = head_dim, theta, length
+        self.tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, positions: torch.Tensor | None, start: int, length: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> cos, sin, each (B, 1, T, head_dim) for `positions` (B, T), or (1, 1, T, head_dim)
+        for positions start..start+length-1 when `positions` is None."""
+        if torch.compiler.is_compiling():  # compiled code fuses the direct computation instead
+            if positions is None:
+                positions = torch.arange(start, start + length, device=device)[None]
+            return rope_cos_sin(positions, self.head_dim, self.theta)
+        end = start + length if positions is None else int(positions.max()) + 1
+        cos, sin = self.tables.get(device, (None, None))
+        if cos is None or end > cos.shape[0]:
+            n = max(self.length, end)
+            # A table first built during generation (inference mode) must still serve training
+            # later (GRPO alternates them): build it as a normal tensor, outside inference mode.
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = rope_cos_sin(torch.arange(n, device=device)[None], self.head_dim, self.theta)
+            cos, sin = self.tables[device] = cos[0, 0], sin[0, 0]  # (n, head_dim) each
+        if positions is None:
+            return cos[None, None, start:end], sin[None, None, start:end]
+        return cos[positions][:, None], sin[positions][:, None]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -280,6 +310,7 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.gradient_checkpointing = False
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
         self.reset_parameters()
 
     # -- init ----------------------------------------------------------------------------------
@@ -307,7 +338,7 @@ class Llama(nn.Module):
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, start_pos: int = 0, return_hidden: bool = False,
                 targets: torch.Tensor | None = None, ignore_index: int = -100,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab) (or final hidden states with `return_hidden`).
 
         targets:   (B, T) next-token ids: returns the cross-entropy loss instead of the logits
@@ -319,6 +350,8 @@ class Llama(nn.Module):
         attn_mask: explicit boolean mask (B, 1, T, S), True = may attend; overrides the default causal one.
                    S = T without a cache, start_pos + T with one (see `padding_attention_mask`).
         cache/start_pos: KV cache for incremental decoding; `tokens` are positions start_pos.. of the sequence.
+        last_only: logits (or hidden states) of the last position only, (B, 1, vocab): a prefill
+                   needs no others.
         """
         B, T = tokens.shape
         mask = attn_mask
@@ -327,12 +360,11 @@ class Llama(nn.Module):
                 positions = positions_from_doc_ids(doc_ids)
             if mask is None:
                 mask = document_causal_mask(doc_ids)
-        if positions is None:  # (1, T): the RoPE tables are shared by every row
-            positions = torch.arange(start_pos, start_pos + T, device=tokens.device)[None]
         if mask is None and cache is not None and start_pos > 0 and T > 1:
             # chunked prefill: causal within the chunk, full view of what is already cached
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        # without explicit positions: start_pos + arange, one (1, 1, T, head_dim) table for every row
+        cos, sin = self.rope(positions, start_pos, T, tokens.device)
 
         h = self.tok_embeddings(tokens)
         if self.embedding_norm is not None:
@@ -342,6 +374,8 @@ class Llama(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, cache, start_pos, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, cache, start_pos)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         if targets is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(),

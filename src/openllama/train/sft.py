@@ -198,11 +198,13 @@ def encode_conversations(convs, template: ChatTemplate, tok, max_len: int, lengt
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over labelled next tokens, their count). Labels are aligned with the
     tokens, so the logits at t predict labels at t+1."""
-    logits = model(batch["tokens"], doc_ids=batch.get("doc_ids"))[:, :-1]
-    targets = batch["labels"][:, 1:]
+    labels = batch["labels"]
+    # position t predicts labels[t + 1]; the last position predicts nothing
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
     n = int((targets != IGNORE_INDEX).sum())
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    # the model's fused output projection + cross-entropy: the (B, T, vocab) logits never exist
+    loss = model(batch["tokens"], doc_ids=batch.get("doc_ids"), targets=targets, ignore_index=IGNORE_INDEX,
+                 reduction="sum")
     return loss / max(n, 1), n
 
 
