@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from openllama.config import ModelConfig, read_yaml  # noqa: E402
 from openllama.generate import Generator, SamplingParams  # noqa: E402
 from openllama.hf import to_hf_model  # noqa: E402
-from openllama.model import Llama  # noqa: E402
+from openllama.model import Llama, use_cpu_decode_layout  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -110,6 +110,8 @@ def main() -> int:
     model = Llama(cfg).eval()
     hf = to_hf_model(model).to(device=device, dtype=dtype).eval()
     model = model.to(device=device, dtype=dtype)
+    if device.type == "cpu":
+        use_cpu_decode_layout(model)  # what load_for_inference (serve, chat, generate) does on CPU
     ours = Generator(model)
     compiled = Generator(model, compile=True) if args.compile else None
 

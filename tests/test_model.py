@@ -251,3 +251,28 @@ def test_rope_table_built_during_inference_serves_training():
         model(tokens)
     model(tokens).sum().backward()
     assert model.tok_embeddings.weight.grad is not None
+
+
+def test_cpu_decode_layout_keeps_the_function():
+    """Column-major weights for CPU decoding: same shapes, same values, logits equal to rounding,
+    tied embeddings still one tensor, greedy tokens unchanged."""
+    import copy
+
+    import torch
+
+    from openllama.config import ModelConfig
+    from openllama.generate import Generator, SamplingParams
+    from openllama.model import Llama, use_cpu_decode_layout
+
+    model = Llama(ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                              max_seq_len=64, tie_embeddings=True)).eval()
+    relaid = use_cpu_decode_layout(copy.deepcopy(model))
+    assert relaid.output.weight is relaid.tok_embeddings.weight
+    for (name, a), (_, b) in zip(model.state_dict().items(), relaid.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not relaid.layers[0].attention.wq.weight.is_contiguous()  # the layout really changed
+    tokens = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(relaid(tokens), model(tokens), rtol=0, atol=1e-4)
+    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    prompt = tokens[0].tolist()
+    assert Generator(relaid).generate([prompt], params)[0].token_ids == Generator(model).generate([prompt], params)[0].token_ids

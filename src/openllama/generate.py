@@ -480,7 +480,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     """Model + tokenizer, ready for `Generator`, from any of: an openllama model dir, a checkpoint
     step dir, a run dir (its newest step) or an exported Hugging Face Llama dir (config.json);
     the tokenizer files are looked for beside the model, in its step dir and in its run dir."""
-    from .model import find_tokenizer_dir, load_model, resolve_model_dir
+    from .model import find_tokenizer_dir, load_model, resolve_model_dir, use_cpu_decode_layout
     from .tokenizer import Tokenizer
 
     device = pick_device(device) if isinstance(device, str) else device
@@ -505,6 +505,8 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UserError(f"{tok_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.cfg.vocab_size}")
+    if device.type == "cpu":
+        use_cpu_decode_layout(model)
     return Loaded(model.eval(), tokenizer, model_dir, Path(tok_dir), start.resolve().name, {"kind": kind})
 
 
