@@ -6,6 +6,7 @@ for FSDP2 the FullyShardedDataParallelPlugin built from that environment."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,7 +170,8 @@ def test_ddp_config_launches_two_gloo_processes_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(_config_path("ddp")),
            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(script)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    results = sorted(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
+    # the two ranks share one stdout pipe, so their lines may interleave: find each record by pattern
+    results = sorted(re.findall(r"RESULT rank=\d+ .*?replicas_equal=(?:True|False)", out.stdout))
     assert out.returncode == 0, out.stderr[-3000:]
     assert results == [
         f"RESULT rank={r} world=2 type=MULTI_CPU wrapped=DistributedDataParallel replicas_equal=True" for r in (0, 1)
