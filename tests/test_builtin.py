@@ -141,6 +141,26 @@ def test_task_config_changes_difficulty_and_rejects_unknown_families():
         problems(0, "train", 5, TaskConfig(families=["nope"]))
 
 
+def test_evaluation_sets_are_balanced_across_families_and_have_no_repeated_prompt():
+    from collections import Counter
+
+    from openllama.pipeline import DEFAULTS
+
+    tasks = TaskConfig(**DEFAULTS["data"]["tasks"])
+    for split, n in (("valid", DEFAULTS["data"]["eval_valid"]), ("test", DEFAULTS["data"]["eval_test"])):
+        ps = problems(0, split, n, tasks, unique=True)
+        per = Counter(p.family for p in ps)
+        # the demo's recipe has enough held-out problems in every family for an equal share each
+        assert len(ps) == n and set(per.values()) == {n // len(tasks.families)}, per
+        assert len({_prompt(p.messages[:-1]) for p in ps}) == n
+        assert all(p.split == split for p in ps)
+        assert Counter(p.family for p in ps[:len(tasks.families) * 10]) == {f: 10 for f in tasks.families}
+    # a family whose held-out space is tiny gives what it has, and the others keep their share
+    tiny = problems(0, "test", 120, TaskConfig(families=["add", "count"], max_operand=5), unique=True)
+    per = Counter(p.family for p in tiny)
+    assert per["count"] == 60 and 0 < per["add"] < 60
+
+
 def test_stdlib_docs_are_read_at_run_time():
     docs = builtin.stdlib_docs()
     assert len(docs) > 50 and any(d.startswith("textwrap.") for d in docs)

@@ -10,7 +10,7 @@ import yaml
 
 from openllama import cli
 from openllama.errors import UserError
-from openllama.pipeline import DEFAULTS, load_demo_config, prepare_out_dir, scaled
+from openllama.pipeline import DEFAULTS, choose_threads, load_demo_config, prepare_out_dir, scaled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,36 @@ def test_minutes_scale_every_stage():
     for stage in ("pretrain", "sft", "dpo", "grpo"):
         assert double.__getattribute__(stage)["train"]["max_steps"] == 2 * getattr(cfg, stage)["train"]["max_steps"]
     assert scaled(cfg, cfg.reference_minutes / 100).pretrain["train"]["max_steps"] >= 2
+
+
+def test_threads_follow_the_request_then_the_environment_then_the_idle_cores(monkeypatch):
+    import os
+
+    assert choose_threads(3) == (3, "--threads")
+    with pytest.raises(UserError, match="--threads must be >= 1"):
+        choose_threads(0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert choose_threads(None)[0] == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert choose_threads(None)[0] == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 5.0, 0.0, 0.0))
+    assert choose_threads(None)[0] == 1
+
+
+def test_tokenizer_train_quiet_prints_only_its_summary(tmp_path, capfd):
+    from openllama.data.builtin import pretrain_documents, write_jsonl
+
+    corpus = tmp_path / "docs.jsonl"
+    write_jsonl(corpus, pretrain_documents(0, "train", 300))
+    assert cli.main(["tokenizer", "train", "--input", str(corpus), "--out", str(tmp_path / "quiet"),
+                     "--vocab-size", "1024", "--quiet"]) == 0
+    quiet = capfd.readouterr()
+    assert quiet.err.strip() == "" and len(quiet.out.strip().splitlines()) == 3, quiet  # summary lines only
+    assert cli.main(["tokenizer", "train", "--input", str(corpus), "--out", str(tmp_path / "loud"),
+                     "--vocab-size", "1024"]) == 0
+    assert len(capfd.readouterr().err.splitlines()) > 20  # SentencePiece's own log, when not quiet
 
 
 def test_out_dir_of_something_else_is_never_replaced(tmp_path):

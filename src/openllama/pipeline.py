@@ -11,7 +11,8 @@ defaults, which equal `DEFAULTS` below); `--minutes` scales every stage's steps 
 from the reference budget of `reference_minutes` on a 2-core CPU. Evaluation is on held-out splits
 that training never sees (see data/builtin.py): validation loss and bits per byte of held-out text,
 exact-match accuracy of held-out tasks with a 95% Wilson interval (the base model is asked in the
-chat format, which its pretraining text contains, so format alone is not what SFT adds).
+chat format, which its pretraining text contains, so format alone is not what SFT adds). The tasks
+are the `test` split; `eval.split=valid` evaluates on `valid` instead, for choosing a recipe.
 
 The run ends with OUT/report.md (tables, plots, sample answers before and after each stage),
 OUT/results.json, a printed summary, and the command to serve the model.
@@ -45,8 +46,8 @@ DEFAULTS: dict[str, Any] = yaml.safe_load("""
 reference_minutes: 5
 seed: 0
 data:
-  corpus: {docs: 20000, valid_docs: 600}
-  tasks: {families: [add, compare, count, convert], max_operand: 9, max_items: 4}
+  corpus: {docs: 40000, valid_docs: 600}
+  tasks: {families: [add, compare, count, upper], max_operand: 19, max_items: 4}
   sft_train: 6000
   eval_valid: 300
   eval_test: 400
@@ -57,16 +58,16 @@ pretrain:
   model: {vocab_size: 2048, dim: 128, n_layers: 4, n_heads: 4, multiple_of: 32, max_seq_len: 256,
           tie_embeddings: true}
   optim: {lr: 3.0e-3, weight_decay: 0.1, warmup_steps: 20, schedule: cosine, min_lr_ratio: 0.1}
-  train: {max_steps: 300, micro_batch_size: 16, seq_len: 128, eval_batches: 16, log_every: 10,
+  train: {max_steps: 600, micro_batch_size: 16, seq_len: 128, eval_batches: 16, log_every: 10,
           keep_last: 1, cpu: true}
 sft:
   optim: {lr: 2.0e-3, weight_decay: 0.0, warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1}
-  train: {max_steps: 150, micro_batch_size: 16, seq_len: 128, eval_batches: 8, log_every: 10,
+  train: {max_steps: 300, micro_batch_size: 16, seq_len: 128, eval_batches: 8, log_every: 10,
           keep_last: 1, cpu: true}
 align: [dpo]
 dpo:
-  dpo: {beta: 0.1}
-  optim: {lr: 1.0e-4, weight_decay: 0.0, warmup_steps: 5, schedule: cosine}
+  dpo: {beta: 0.5}
+  optim: {lr: 1.0e-5, weight_decay: 0.0, warmup_steps: 5, schedule: cosine}
   train: {max_steps: 60, micro_batch_size: 16, seq_len: 128, eval_batches: 8, log_every: 5,
           keep_last: 1, cpu: true}
 grpo:
@@ -76,6 +77,7 @@ grpo:
   train: {max_steps: 20, micro_batch_size: 8, seq_len: 128, eval_batches: 1, log_every: 5,
           keep_last: 1, cpu: true}
 eval:
+  split: test
   max_new_tokens: 24
   samples: 6
   valid_batches: 16
@@ -83,6 +85,8 @@ eval:
 
 
 class EvalSettings(Section):
+    # `valid` while choosing a recipe (never tune on `test`); `test` for the numbers reported
+    split: Literal["valid", "test"] = "test"
     max_new_tokens: int = Field(24, gt=0)
     samples: int = Field(6, ge=0)  # sample answers shown per stage in the report
     valid_batches: int = Field(16, gt=0)  # windows of held-out text for loss / bits per byte
@@ -223,6 +227,28 @@ def write_stage_config(path: Path, section: dict[str, Any], **paths: Any) -> Pat
     return path
 
 
+def choose_threads(requested: int | None = None) -> tuple[int, str]:
+    """Threads for torch: `requested`, else OMP_NUM_THREADS, else the cores idle right now.
+
+    These models are tiny: on an idle 2-core CPU two threads are ~1.8x faster than one, but when
+    the cores are busy with other work, extra OpenMP threads wait on each other and a step can take
+    10x longer (measured: 0.25 s/step with one thread, 3-4 s with two, at load ~4)."""
+    import os
+
+    if requested is not None:
+        if requested < 1:
+            raise UserError(f"--threads must be >= 1 (got {requested})")
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"])), "OMP_NUM_THREADS"
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform: use every core
+        return cores, "all cores"
+    return max(1, min(cores, int(cores - load + 0.5))), f"cores idle now (load {load:.1f} on {cores})"
+
+
 def prepare_out_dir(out: Path) -> None:
     """A fresh directory, or a previous demo run (replaced); anything else is left alone."""
     if out.exists() and any(out.iterdir()):
@@ -234,8 +260,19 @@ def prepare_out_dir(out: Path) -> None:
 
 
 def run_demo(out: str | Path, minutes: float = 5.0, seed: int | None = None, config: str | None = None,
-             overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every stage into `out`; returns the results (also in out/results.json)."""
+             overrides: list[str] | None = None, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+    """Run every stage into `out`; returns the results (also in out/results.json). Torch's thread
+    count is set for the run (see `choose_threads`) and restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        return _run_demo(out, minutes, seed, config, overrides, progress, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(out, minutes, seed, config, overrides, progress, threads) -> dict[str, Any]:
     from .report import collect_stage, write_report
 
     cfg = load_demo_config(config, overrides or [])
@@ -244,6 +281,11 @@ def run_demo(out: str | Path, minutes: float = 5.0, seed: int | None = None, con
     if minutes <= 0:
         raise UserError(f"--minutes must be positive (got {minutes})")
     cfg = scaled(cfg, minutes)
+    import torch
+
+    n_threads, why = choose_threads(threads)
+    torch.set_num_threads(n_threads)
+    print(f"torch threads: {n_threads} ({why})", flush=True)
     out = Path(out)
     prepare_out_dir(out)
     (out / MARKER).write_text(json.dumps({"minutes": minutes, "config": cfg.model_dump(mode="json")}, indent=1,
@@ -252,7 +294,10 @@ def run_demo(out: str | Path, minutes: float = 5.0, seed: int | None = None, con
     seed_s = str(cfg.seed)
     p = {k: out / k for k in ("data", "text", "tokenizer", "tokens", "configs", "eval", "hf")}
     runner = StageRunner(stage_plan(cfg, SEC_PER_STEP))
-    results: dict[str, Any] = {"out": str(out), "minutes": minutes, "seed": cfg.seed, "stages": []}
+    command = ["demo", "--out", str(out), "--minutes", f"{minutes:g}", "--seed", seed_s,
+               *(["--config", config] if config else []), *(overrides or [])]
+    results: dict[str, Any] = {"out": str(out), "minutes": minutes, "seed": cfg.seed, "eval_split": cfg.eval.split,
+                               "command": "openllama " + shlex.join(command), "stages": []}
 
     with runner.stage("data"):
         data_cfg = write_stage_config(p["configs"] / "data.yaml", cfg.data.model_dump(mode="json"))
@@ -263,7 +308,7 @@ def run_demo(out: str | Path, minutes: float = 5.0, seed: int | None = None, con
         runner.command(["data", "verify", str(p["text"] / "train")])
     with runner.stage("tokenizer"):
         runner.command(["tokenizer", "train", "--input", str(p["text"] / "train"), "--out", str(p["tokenizer"]),
-                        "--vocab-size", str(cfg.vocab_size), "--seed", seed_s])
+                        "--vocab-size", str(cfg.vocab_size), "--seed", seed_s, "--quiet"])
     with runner.stage("tokenize"):
         for split in ("train", "valid"):
             runner.command(["data", "tokenize", "--shards", str(p["text"] / split), "--tokenizer", str(p["tokenizer"]),
@@ -273,7 +318,7 @@ def run_demo(out: str | Path, minutes: float = 5.0, seed: int | None = None, con
         with runner.stage(f"evaluate {name}"):
             runner.command(["evaluate", "--model", str(model), "--data", str(p["tokens"] / "valid"),
                             "--max-batches", str(cfg.eval.valid_batches), "--tasks",
-                            str(p["data"] / "tasks" / "test.jsonl"), "--max-new-tokens", str(cfg.eval.max_new_tokens),
+                            str(p["data"] / "tasks" / f"{cfg.eval.split}.jsonl"), "--max-new-tokens", str(cfg.eval.max_new_tokens),
                             "--out", str(p["eval"] / f"{name}.json")])
         return json.loads((p["eval"] / f"{name}.json").read_text(encoding="utf-8"))
 
@@ -356,6 +401,9 @@ class _Tee(io.TextIOBase):
 # command line
 
 
+ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     parser.add_argument("--minutes", type=float, default=5.0,
@@ -363,11 +411,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the data, the weights and the sampling")
     parser.add_argument("--config", default=None, help="demo recipe YAML (default: the built-in, = configs/demo.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no per-step progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: OMP_NUM_THREADS, else the cores idle at the start)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .report import print_summary
 
-    results = run_demo(args.out, args.minutes, args.seed, args.config, args.overrides, progress=not args.no_progress)
+    results = run_demo(args.out, args.minutes, args.seed, args.config, args.overrides, progress=not args.no_progress,
+                       threads=args.threads)
     print_summary(results)
     return 0

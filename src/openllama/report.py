@@ -163,11 +163,11 @@ def write_report(out: Path, results: dict[str, Any], cfg) -> Path:
 
     n = stages[0]["tasks"]["overall"]["n"] if stages and stages[0].get("tasks") else 0
     L = [f"# openllama demo: a chat model from nothing on the built-in corpus", "",
-         f"Command: `openllama demo --out {out} --minutes {results['minutes']:g} --seed {results['seed']}` — "
+         f"Command: `{results.get('command') or f'openllama demo --out {out}'}` — "
          f"total {results['total_seconds'] / 60:.1f} min on {platform.machine()} ({_cpus()} CPUs).", "",
          "Every accuracy is greedy exact match on held-out tasks that no training stage saw "
-         f"(n = {n}, a small sample: the brackets are 95% Wilson intervals). The base model is asked in "
-         "the chat format, which its pretraining text contains.", "",
+         f"(the `{cfg.eval.split}` split, n = {n}, a small sample: the brackets are 95% Wilson intervals). "
+         "The base model is asked in the chat format, which its pretraining text contains.", "",
          "## Stages", "",
          "| stage | time | steps | tokens | final train loss | tokens/s | held-out reply loss | task accuracy [95% CI] |",
          "|---|---|---|---|---|---|---|---|"]
@@ -191,8 +191,10 @@ def write_report(out: Path, results: dict[str, Any], cfg) -> Path:
             cells = []
             for s in stages:
                 v = s["tasks"]["by_family"].get(f)
-                cells.append(f"{100 * v['accuracy']:.0f}% ({v['correct']}/{v['n']})" if v else "—")
+                cells.append(str(Accuracy(v["correct"], v["n"])) if v else "—")
             L.append(f"| {f} | " + " | ".join(cells) + " |")
+        L += ["", "The held-out set is balanced: each family gets an equal share of the tasks (n per family "
+                  "above), so no family with a large problem space dominates the overall accuracy."]
     L += ["", "## Curves", ""]
     if acc_png:
         L.append(f"![accuracy]({acc_png.name})")
@@ -231,6 +233,8 @@ def _cpus() -> int:
 def print_summary(results: dict[str, Any]) -> None:
     out = results["out"]
     print(f"\n=== demo finished in {results['total_seconds'] / 60:.1f} min: {out}/report.md ===")
+    print(f"  accuracy: greedy exact match on the held-out `{results.get('eval_split', 'test')}` tasks, "
+          f"95% Wilson intervals")
     for s in results["stages"]:
         a = accuracy_of(s)
         extra = ""
@@ -240,6 +244,9 @@ def print_summary(results: dict[str, Any]) -> None:
             r = s["reward"]
             extra = f", {r['metric']} {_fmt(r['first'])} -> {_fmt(r['last'])}"
         print(f"  {s['name']:<9} {s['seconds']:>5.0f} s  accuracy {a}{extra}")
+        fams = s.get("tasks", {}).get("by_family", {})
+        if len(fams) > 1:
+            print("            " + ", ".join(f"{f} {100 * v['accuracy']:.0f}% (n={v['n']})" for f, v in fams.items()))
     for c in results.get("checks", []):
         print(f"  [{'ok' if c['held'] else 'no'}] {c['claim']}")
     print(f"\nchat with it:  openllama chat --model {out}/hf\nserve it:      {results['serve']}")

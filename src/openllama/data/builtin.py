@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import random
 from dataclasses import dataclass, field
@@ -278,8 +279,12 @@ FAMILIES: dict[str, Callable[..., Problem]] = {
 
 def problems(seed: int, split: str, n: int, cfg: TaskConfig | None = None, *, unique: bool = False,
              stream_name: str = "tasks") -> list[Problem]:
-    """`n` problems of `split`, families and languages in turn. `unique` drops repeated prompts
-    (for evaluation sets); small problem spaces may then give fewer than `n`."""
+    """`n` problems of `split`, families and languages in turn.
+
+    `unique` (for evaluation sets) drops repeated prompts and balances the families: each gets an
+    equal share of `n` (the first `n % families` one more), so no family with a large problem space
+    swamps the overall accuracy. A family whose held-out space is too small gives fewer; the
+    per-family n in every report says so."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     cfg = cfg or TaskConfig()
@@ -288,15 +293,34 @@ def problems(seed: int, split: str, n: int, cfg: TaskConfig | None = None, *, un
         raise ValueError(f"unknown task families {unknown}; known: {sorted(FAMILIES)}")
     world = make_world(seed)
     rng = stream(seed, f"{stream_name}/{split}")
+    if unique:
+        shares = [n // len(cfg.families) + (i < n % len(cfg.families)) for i in range(len(cfg.families))]
+        per_family = [_unique_problems(rng, cfg, world, split, family, k) for family, k in zip(cfg.families, shares)]
+        # interleaved (family 1, 2, ..., 1, 2, ...) so any prefix stays balanced too
+        return [p for row in itertools.zip_longest(*per_family) for p in row if p is not None]
     out: list[Problem] = []
-    seen: set[str] = set()
     combos = [(f, lang) for f in cfg.families for lang in cfg.languages]
     misses = 0
     while len(out) < n and misses < 200 * max(n, 10):
-        family, lang = combos[len(out) % len(combos)] if not unique else rng.choice(combos)
+        family, lang = combos[len(out) % len(combos)]
+        p = FAMILIES[family](rng, cfg, lang, world)
+        if p.split != split:
+            misses += 1
+            continue
+        out.append(p)
+    return out
+
+
+def _unique_problems(rng: random.Random, cfg: TaskConfig, world, split: str, family: str, n: int) -> list[Problem]:
+    """Up to `n` problems of one family with distinct prompts, languages in turn."""
+    out: list[Problem] = []
+    seen: set[str] = set()
+    misses = 0
+    while len(out) < n and misses < 2000 + 200 * n:
+        lang = cfg.languages[len(out) % len(cfg.languages)]
         p = FAMILIES[family](rng, cfg, lang, world)
         prompt = json.dumps(p.messages[:-1], ensure_ascii=False)
-        if p.split != split or (unique and prompt in seen):
+        if p.split != split or prompt in seen:
             misses += 1
             continue
         seen.add(prompt)
@@ -557,6 +581,9 @@ def write_builtin(out: str | Path, seed: int = 0, cfg: BuiltinConfig | None = No
 
 # ----------------------------------------------------------------------------------------------
 # command line: `openllama data builtin --out DIR [--seed S] [--config data.yaml] [a.b=c ...]`
+
+
+ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
 
 
 def add_arguments(parser) -> None:
