@@ -50,3 +50,10 @@ def test_help_lists_every_stage():
     assert proc.returncode == 0
     for stage in ["data", "tokenizer", "pretrain", "sft", "reward", "dpo", "grpo", "export", "serve", "demo"]:
         assert stage in proc.stdout
+
+
+def test_leftover_argument_of_a_stage_without_config_is_an_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "openllama.cli", "evaluate", "--model", str(tmp_path),
+                           "--max_batches", "2"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unrecognised argument(s): --max_batches 2" in proc.stderr

@@ -238,6 +238,7 @@ def test_loads_run_dir_step_dir_and_hf_export(tiny, tmp_path):
     step = run / "checkpoints" / "step_0000010"
     save_model(loaded.model, step / "model")
     loaded.tokenizer.save(run)
+    (step / "COMPLETE").write_text("")
     (run / "checkpoints" / "latest").write_text("step_0000010\n")
     hf_dir = export_hf(model_dir, tmp_path / "hf")
     assert (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer.model").is_file()

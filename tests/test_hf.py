@@ -113,6 +113,7 @@ def test_export_and_import_commands_with_a_tokenizer(tmp_path, tokenizer_dir):
     model = our_model(vocab_size=512, stable_embedding=True, tie_embeddings=True)
     run = tmp_path / "run"
     save_model(model, run / "checkpoints" / "step_0000003" / "model")
+    (run / "checkpoints" / "step_0000003" / "COMPLETE").write_text("")
     (run / "checkpoints" / "latest").write_text("step_0000003\n")
     for f in tokenizer_dir.iterdir():
         (run / f.name).write_bytes(f.read_bytes())

@@ -176,16 +176,24 @@ def test_linear_cross_entropy_chunks_and_no_grad():
 
 
 def test_save_load_round_trip_and_resolver(tmp_path):
+    from openllama.train.checkpoint import COMPLETE
+
     model = tiny(tie_embeddings=True, stable_embedding=True)
     tokens = torch.randint(0, 97, (1, 6))
     run = tmp_path / "run"
-    for step in (10, 20):
+    for step in (10, 20, 30):
         save_model(model, run / "checkpoints" / f"step_{step:07d}" / "model")
-    (run / "checkpoints" / "latest").write_text("step_0000010\n")
+    for step in (10, 20):  # step 30 never got its COMPLETE marker (killed mid-write)
+        (run / "checkpoints" / f"step_{step:07d}" / COMPLETE).write_text("")
+    (run / "checkpoints" / "latest").write_text("step_0000020\n")
     (run / "tokenizer.json").write_text("{}")
-    assert resolve_model_dir(run) == run / "checkpoints" / "step_0000010" / "model"
-    assert resolve_model_dir(run / "checkpoints" / "step_0000020") == run / "checkpoints" / "step_0000020" / "model"
+    assert resolve_model_dir(run) == run / "checkpoints" / "step_0000020" / "model"
+    assert resolve_model_dir(run / "checkpoints" / "step_0000010") == run / "checkpoints" / "step_0000010" / "model"
     assert find_tokenizer_dir(run) == run
+    # a pointer that lags (killed between the rename and the pointer write): the newest complete
+    # step, the same rule --resume follows
+    (run / "checkpoints" / "latest").write_text("step_0000010\n")
+    assert resolve_model_dir(run).parent.name == "step_0000020"
     (run / "checkpoints" / "latest").unlink()  # no pointer: the highest complete step
     assert resolve_model_dir(run).parent.name == "step_0000020"
     loaded = load_model(run)
@@ -196,12 +204,20 @@ def test_save_load_round_trip_and_resolver(tmp_path):
     assert meta["format"] == "openllama" and meta["model"]["tie_embeddings"] is True
 
 
+def test_tokenizer_is_not_taken_from_outside_the_run(tmp_path):
+    """A bare model dir without tokenizer files must not pick up one three levels up."""
+    model = tiny()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    save_model(model, tmp_path / "a" / "b" / "model")
+    assert find_tokenizer_dir(tmp_path / "a" / "b" / "model") is None
+
+
 def test_resolver_errors_name_the_path(tmp_path):
     with pytest.raises(UserError, match="no such directory"):
         resolve_model_dir(tmp_path / "missing")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step_0000005")
-    with pytest.raises(UserError, match="step_0000005"):
+    with pytest.raises(UserError, match="no complete checkpoint"):
         resolve_model_dir(tmp_path)
 
 

@@ -4,9 +4,10 @@
     def run(args: argparse.Namespace) -> int | None
 
 This file only lists them (imported lazily, so `openllama --help` is fast and a stage's heavy
-dependencies load only when that stage runs). Arguments that argparse does not know and that
-look like `key.path=value` or `--key.path=value` / `--key.path value` land in `args.overrides`
-as config overrides. A `UserError` anywhere becomes one line on stderr and exit code 2.
+dependencies load only when that stage runs). A stage with a typed config sets
+`ACCEPTS_OVERRIDES = True`; then arguments argparse does not know, `key.path=value` or
+`--key.path=value` / `--key.path value`, land in `args.overrides` as config overrides. For any
+other stage a leftover argument is an error. A `UserError` anywhere becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(argv)
         args, rest = parser.parse_known_args(argv)
-        args.overrides = _split_overrides(rest)
         module = importlib.import_module(args._module)
+        if rest and not getattr(module, "ACCEPTS_OVERRIDES", False):
+            # a stage without a config: a leftover argument is a typo, never silently ignored
+            raise UserError(f"unrecognised argument(s): {' '.join(rest)} (see openllama {args.command} --help)")
+        args.overrides = _split_overrides(rest)
         code = module.run(args)
         return int(code or 0)
     except UserError as exc:

@@ -283,8 +283,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.overrides:
-        raise UserError(f"export takes no config overrides (got {args.overrides[0]})")
     model_dir = resolve_model_dir(args.path)
     tok_dir = Path(args.tokenizer) if args.tokenizer else find_tokenizer_dir(args.path)
     out = export_hf(model_dir, args.out, tokenizer_dir=tok_dir, dtype=getattr(torch, args.dtype))

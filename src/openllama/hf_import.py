@@ -33,8 +33,6 @@ def import_dir(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.overrides:
-        raise UserError(f"import takes no config overrides (got {args.overrides[0]})")
     out = import_dir(args.hf_dir, args.out)
     print(f"imported {args.hf_dir} -> {out}")
     return 0

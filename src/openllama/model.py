@@ -294,6 +294,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     else:
         w = weight
     chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+    if not torch.is_grad_enabled():  # evaluation: the Function would still form the gradients
+        h, w = h.detach(), w.detach()
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropy.apply(h, w, targets, ignore_index, reduction == "sum", chunk)
 
@@ -455,8 +457,8 @@ def resolve_model_dir(path: str | Path) -> Path:
     """The model directory behind `path`, which may be
     - a model directory (holds openllama.json),
     - a checkpoint step directory (holds model/openllama.json), or
-    - a run directory (holds checkpoints/latest, a text file naming the newest complete step
-      directory under checkpoints/; without it the highest-numbered complete step_* is used)."""
+    - a run directory (holds checkpoints/: its newest complete step, by the same rule as --resume,
+      see train.checkpoint.latest_checkpoint)."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         return path
@@ -464,17 +466,12 @@ def resolve_model_dir(path: str | Path) -> Path:
         return path / "model"
     ckpts = path / "checkpoints"
     if ckpts.is_dir():
-        latest = ckpts / "latest"
-        if latest.is_file():
-            name = latest.read_text(encoding="utf-8").strip()
-            step = ckpts / Path(name).name
-            if not (step / "model" / CONFIG_FILE).is_file():
-                raise UserError(f"{latest}: names {name!r}, but {step}/model is not a model directory")
-            return step / "model"
-        steps = sorted(p for p in ckpts.glob("step_*") if (p / "model" / CONFIG_FILE).is_file())
-        if steps:
-            return steps[-1] / "model"
-        raise UserError(f"{ckpts}: no complete checkpoint (no latest, no step_*/model/{CONFIG_FILE})")
+        from .train.checkpoint import latest_checkpoint  # the run-directory layout lives there
+
+        step = latest_checkpoint(ckpts)
+        if step is None or not (step / "model" / CONFIG_FILE).is_file():
+            raise UserError(f"{ckpts}: no complete checkpoint (no step_*/ with a COMPLETE marker and model/)")
+        return step / "model"
     if not path.exists():
         raise UserError(f"{path}: no such directory")
     raise UserError(f"{path}: not a model, checkpoint or run directory (no {CONFIG_FILE}, model/ or checkpoints/)")
@@ -485,7 +482,10 @@ def find_tokenizer_dir(path: str | Path) -> Path | None:
     itself, its step directory, or the run directory (first that has tokenizer.json or .model)."""
     path = Path(path)
     model_dir = resolve_model_dir(path)
-    for d in (model_dir, model_dir.parent, model_dir.parent.parent.parent, path):
+    candidates = [model_dir, model_dir.parent]
+    if model_dir.parent.parent.name == "checkpoints":  # RUN/checkpoints/step_N/model -> RUN
+        candidates.append(model_dir.parent.parent.parent)
+    for d in (*candidates, path):
         if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
             return d
     return None

@@ -435,6 +435,9 @@ def render(plan: Plan) -> str:
 # CLI
 
 
+ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML with a model: section (e.g. configs/7b.yaml)")
     parser.add_argument("--gpus", type=int, required=True, help="number of GPUs (all nodes together)")

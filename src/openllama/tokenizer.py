@@ -572,15 +572,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-max-length", type=int, default=2048,
                         help="context length written to tokenizer_config.json (default: 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document sample (default: 0)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no SentencePiece training log and no reading progress (only the summary)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "overrides", None):
-        raise UserError(f"tokenizer train takes no config overrides, got: {' '.join(args.overrides)}")
     tok = train_tokenizer(args.input, args.out, args.vocab_size, sample_bytes=args.sample_bytes,
                           text_keys=args.text_keys or ("text",), seed=args.seed,
                           character_coverage=args.character_coverage, model_max_length=args.model_max_length,
-                          verbose=True)
+                          verbose=not args.quiet)
     report = tok.training_report
     print(f"tokenizer: {tok.vocab_size} pieces, trained on {report['sample']['documents']:,} documents "
           f"({report['sample']['bytes'] / 1e6:.1f} MB) in {report['seconds']['train']:.1f} s -> {args.out}")

@@ -57,8 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    if args.overrides:
-        raise UserError(f"serve takes no config overrides (got {args.overrides[0]})")
     chat_template = None
     if args.chat_template:
         from ..data.chat import template_source

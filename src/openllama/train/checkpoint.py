@@ -254,27 +254,37 @@ class CheckpointManager:
     # -- find / load ---------------------------------------------------------------------------
 
     def complete_steps(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        steps = []
-        for p in self.root.iterdir():
-            m = STEP_RE.match(p.name)
-            if m and (p / COMPLETE).is_file():
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+        return complete_steps(self.root)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint: `latest` if it names a complete one, else the highest
-        complete step directory (the pointer may lag a kill between rename and pointer write)."""
-        steps = self.complete_steps()
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            named = self.root / pointer.read_text(encoding="utf-8").strip()
-            if (named / COMPLETE).is_file() and STEP_RE.match(named.name):
-                newest = max(steps) if steps else -1
-                if int(STEP_RE.match(named.name).group(1)) >= newest:
-                    return named
-        return self.root / step_dir_name(steps[-1]) if steps else None
+        return latest_checkpoint(self.root)
+
+
+def complete_steps(root: Path) -> list[int]:
+    """Step numbers of the complete checkpoints (COMPLETE marker written) under `root`, ascending."""
+    if not root.is_dir():
+        return []
+    steps = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and (p / COMPLETE).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (a run's checkpoints/): `latest` if it names a
+    complete one, else the highest complete step directory (the pointer may lag a kill between
+    the rename and the pointer write). The one rule resume, export, evaluate and serve all use."""
+    steps = complete_steps(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if (named / COMPLETE).is_file() and STEP_RE.match(named.name):
+            newest = max(steps) if steps else -1
+            if int(STEP_RE.match(named.name).group(1)) >= newest:
+                return named
+    return root / step_dir_name(steps[-1]) if steps else None
 
 
 def check_model_matches(ckpt: Path, model_cfg) -> None:

@@ -163,6 +163,9 @@ def dpo(cfg: DPOStageConfig, out, resume: bool = False, progress: bool = True) -
     return run_stage(cfg, model, objective, out, resume, run_tok_dir, progress, report)
 
 
+ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .sft import add_stage_arguments
 

@@ -256,6 +256,9 @@ def grpo(cfg: GRPOStageConfig, out, resume: bool = False, progress: bool = True)
     return run_stage(cfg, model, objective, out, resume, run_tok_dir, progress, report)
 
 
+ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
+
+
 def add_arguments(parser) -> None:
     from .sft import add_stage_arguments
 

@@ -22,6 +22,9 @@ class PretrainConfig(Section):
     data: PretrainData = PretrainData()
 
 
+ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/tiny.yaml")
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, config.yaml)")

@@ -278,6 +278,9 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
     return run_stage(cfg, model, objective, out, resume, run_tok_dir, progress, report)
 
 
+ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stage_arguments(parser, "chat data file(s): alpaca / BELLE / ShareGPT / messages / prompt-completion, "
                                 "JSON array or JSON lines")
