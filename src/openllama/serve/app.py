@@ -15,7 +15,6 @@ import sys
 
 from fastapi import FastAPI
 
-from ..errors import UserError
 from ..generate import add_model_arguments, apply_threads, load_for_inference
 from .api import create_api
 from .engine import Engine, Limits
