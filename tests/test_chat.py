@@ -201,6 +201,11 @@ def test_epoch_batches_resume_exactly():
     assert head + [next(resumed) for _ in range(4)] == straight
     other = EpochBatches(items, 4, rank=0, world=2, seed=3)
     assert not set(sum(straight[:2], [])) & set(sum([next(other) for _ in range(2)], []))  # ranks disjoint
+    # the position counts per-rank batches: another world size (or batch size) would name other rows
+    with pytest.raises(UserError, match="world=2, this run has 1"):
+        EpochBatches(items, 4, rank=0, world=1, seed=3).load_state_dict(first.state_dict())
+    with pytest.raises(UserError, match="batch_size=4, this run has 8"):
+        EpochBatches(items, 8, rank=1, world=2, seed=3).load_state_dict(first.state_dict())
 
 
 def test_example_type_lengths():

@@ -32,6 +32,36 @@ def test_sigmoid_loss_formula():
     assert m["reward_accuracy"] == 1.0
 
 
+def test_ipo_loss_formula():
+    # IPO (Azar et al. 2023): (h - 1/(2 beta))^2 with h the log-ratio difference, here
+    # ((-2 - -4) - (-6 - -5)) = 3; beta 0.25 -> (3 - 2)^2 = 1 for the first pair, and for the
+    # second h = (0 - 0) - (1 - 0) = -1 -> (-1 - 2)^2 = 9; the loss is their mean
+    pi_c, pi_r = torch.tensor([-2.0, 0.0]), torch.tensor([-6.0, 1.0])
+    ref_c, ref_r = torch.tensor([-4.0, 0.0]), torch.tensor([-5.0, 0.0])
+    loss, m = preference_loss(pi_c, pi_r, ref_c, ref_r, beta=0.25, kind="ipo")
+    assert loss.item() == pytest.approx((1.0 + 9.0) / 2)
+    assert m["reward_margin"] == pytest.approx(0.25 * (3 + -1) / 2) and m["reward_accuracy"] == 0.5
+
+
+def test_reference_scores_split_across_ranks_reassemble_in_order(setup):
+    # precompute splits the pairs between ranks (rank r scores r, r + w, ...), pads each share to
+    # the same length and gathers them: reassembled they equal one process scoring every pair
+    from openllama.data.chat import ChatTemplate
+    from openllama.data.preference import encode_pairs, read_preferences
+    from openllama.model import load_model
+    from openllama.tokenizer import Tokenizer
+    from openllama.train.dpo import pair_logprobs, unshard_rows
+
+    root, start, train, _ = setup
+    tok = Tokenizer.load(start)
+    model = load_model(start).eval()
+    pairs = encode_pairs(read_preferences(train)[:7], ChatTemplate.for_tokenizer(tok), tok, 64)
+    whole = pair_logprobs(model, pairs, tok.pad_id, 3)
+    shares = [pair_logprobs(model, pairs[rank::3], tok.pad_id, 3) for rank in range(3)]  # 3, 2, 2 pairs
+    gathered = torch.cat([torch.cat([p, torch.full((3 - len(p), 2), float("nan"))]) for p in shares])
+    torch.testing.assert_close(unshard_rows(gathered, 7, 3), whole)
+
+
 @pytest.mark.parametrize("reference", ["precompute", "online"])
 def test_dpo_raises_held_out_margin(setup, reference):
     root, start, train, valid = setup

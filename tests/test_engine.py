@@ -131,10 +131,7 @@ def test_loss_falls_and_run_dir_is_self_describing(tiny_run):
     assert last < first - 0.5, (first, last)
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    # bits per byte = loss / ln 2 * predicted tokens per byte (from the manifest: ids + eos per byte)
-    m = json.loads((Path(cfg_of(out)["data"]["train"][0]["path"]) / "manifest.json").read_text())
-    per_byte = (m["num_tokens"] - m["num_docs"]) / m["num_bytes"]
-    assert evals[-1]["val_bits_per_byte"] == pytest.approx(evals[-1]["val_loss"] / math.log(2) * per_byte)
+    assert 0 < evals[-1]["val_bits_per_byte"] < evals[0]["val_bits_per_byte"]  # exact value: the test below
     assert all(r["tokens"] == 4 * 32 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in train)
     lrs = [r["lr"] for r in train]
     assert lrs[0] < lrs[2] and lrs[-1] < lrs[5]  # warmup, then cosine decay
@@ -166,6 +163,43 @@ def test_evaluate_cli_matches_the_runs_evaluation(tiny_run, tokens, capsys, tmp_
     assert 0 < result["loss"] < math.log(VOCAB) and result["bits_per_byte"] > 0 and result["tokens"] > 0
 
 
+def test_bits_per_byte_is_the_summed_nll_in_bits_over_the_corpus_bytes(tmp_path):
+    """Independent of the evaluator's windows and formula: score each held-out document on its own
+    with plain logits + F.cross_entropy, sum the NLL in bits, divide by the manifest's num_bytes."""
+    import torch.nn.functional as F
+
+    from openllama.config import ModelConfig
+    from openllama.data.packing import TokenCorpus
+    from openllama.evaluate import evaluate_corpus
+
+    seq_len = 16
+    # documents ([bos] + ids + [eos]) that tile the windows exactly: the first window holds seq_len + 1
+    # tokens, every later one seq_len, so every prediction of every document is scored, with its whole context
+    lengths = [7, 10, 6, 10, 16, 5, 11]
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(3, VOCAB, (n - 2,), generator=gen).tolist() for n in lengths]
+    held_out = write_token_shards(tmp_path / "held_out", docs, vocab_size=VOCAB, docs_per_shard=4)
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, multiple_of=16, max_seq_len=32)).eval()
+    result = evaluate_corpus(model, TokenCorpus(held_out), seq_len, batch_size=3)  # every batch
+
+    manifest = json.loads((held_out / "manifest.json").read_text())
+    nll_nats, predicted = 0.0, 0
+    with torch.no_grad():
+        for shard in sorted(held_out.glob("*.bin")):
+            flat = torch.from_numpy(np.fromfile(shard, dtype=np.uint16).astype(np.int64))
+            starts = np.load(shard.with_name(shard.name.replace(".bin", ".idx.npy")))
+            for lo, hi in zip(starts[:-1], starts[1:]):
+                doc = flat[lo:hi]
+                logits = model(doc[None, :-1])[0]
+                nll_nats += float(F.cross_entropy(logits.float(), doc[1:], reduction="sum"))
+                predicted += len(doc) - 1
+    assert predicted == sum(n - 1 for n in lengths) == result["tokens"]
+    expected = nll_nats / math.log(2) / manifest["num_bytes"]
+    assert result["bits_per_byte"] == pytest.approx(expected, rel=1e-5)
+    assert expected > 1.0  # an untrained model: far from free compression, so the check has teeth
+
+
 def test_plot_writes_pngs(tiny_run, capsys):
     out, _ = tiny_run
     assert cli.main(["plot", str(out)]) == 0
@@ -183,8 +217,13 @@ def test_existing_run_needs_resume_and_same_model(tiny_run, capsys, tmp_path):
     assert cli.main(["pretrain", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert cli.main(["pretrain", "--config", str(cfg), "--out", str(out), "--resume", "--no-progress", "model.dim=64"]) == 2
-    err = capsys.readouterr().err
-    assert "different model" in err and "model.dim" in err
+    err = capsys.readouterr().err.strip()
+    assert "different config" in err and "model.dim" in err and len(err.splitlines()) == 1, err
+    # the saved config.yaml is the default with --resume; a run-length override extends it
+    assert cli.main(["pretrain", "--out", str(out), "--resume", "--no-progress", "train.seq_len=16"]) == 2
+    assert "train.seq_len" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--out", str(tmp_path / "nothing"), "--resume", "--no-progress"]) == 2
+    assert "config.yaml: not found" in capsys.readouterr().err
 
 
 # -- checkpoints ------------------------------------------------------------------------------------

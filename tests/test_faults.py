@@ -52,6 +52,9 @@ FAULTS = [
     ("output directory turns read-only during a checkpoint", "CheckpointWriteError naming the file; "
      "previous checkpoint intact",
      "test_faults.py::test_read_only_checkpoint_directory_keeps_the_previous_one"),
+    ("a checkpoint write fails on rank 0 of a multi-process run", "every rank raises the same "
+     "CheckpointWriteError at once (none waits at a barrier until the collective timeout)",
+     "test_faults.py::test_a_failed_checkpoint_write_on_rank_0_stops_every_rank"),
     ("unwritable --out at start", "exit 2 before any training",
      "test_faults.py::test_unwritable_output_directory_fails_before_training"),
     ("non-finite loss or gradient norm", "the update is skipped and logged (`skipped`)",
@@ -226,6 +229,53 @@ def test_read_only_checkpoint_directory_keeps_the_previous_one(tmp_path):
         assert manager.latest() == first and manager.complete_steps() == [1]
         reloaded = load_model(first / "model")
         assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def _save_in_a_process_group(rank: int, world: int, init_file: str, run_dir: str, results) -> None:
+    """One rank of a 2-process gloo group saving step 2 (a spawned process)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        model, optimizer, scheduler = _tiny_training_state()
+        manager = ckpt.CheckpointManager(run_dir, rank=rank, barrier=dist.barrier)
+        try:
+            manager.save(2, model, optimizer, scheduler, {"step": 2})
+            results.put((rank, "saved"))
+        except ckpt.CheckpointWriteError as exc:
+            results.put((rank, str(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank(tmp_path):
+    import multiprocessing
+
+    model, optimizer, scheduler = _tiny_training_state()
+    spawn = multiprocessing.get_context("spawn")
+    with writable_dir(tmp_path) as d:
+        first = ckpt.CheckpointManager(d / "run").save(1, model, optimizer, scheduler, {"step": 1})
+        make_read_only(d)  # rank 0 cannot create .tmp_step_0000002; rank 1 only writes after it did
+        results = spawn.Queue()
+        procs = [spawn.Process(target=_save_in_a_process_group,
+                               args=(r, 2, str(tmp_path / "pg_init"), str(d / "run"), results)) for r in range(2)]
+        for p in procs:
+            p.start()
+        try:
+            outcome = dict(results.get(timeout=90) for _ in procs)  # a hung rank never reports
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+        assert set(outcome) == {0, 1}
+        assert outcome[0] == outcome[1], outcome  # the same error on every rank
+        assert "cannot write checkpoint step_0000002" in outcome[0] and f"last good checkpoint: {first}" in outcome[0]
+        assert ckpt.CheckpointManager(d / "run").complete_steps() == [1]
 
 
 def test_unwritable_output_directory_fails_before_training(small, tmp_path, capsys):

@@ -5,6 +5,7 @@ policy that is right about a third of the time gets clearly better; runs resume 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -25,6 +26,44 @@ def test_group_advantages_and_loss_direction():
     loss.backward()
     assert (logp.grad[0, :2] < 0).all() and (logp.grad[1] > 0).all() and logp.grad[0, 2] == 0
     assert m["kl"] == 0.0
+
+
+def test_grpo_loss_clips_and_adds_k3_kl_as_computed_by_hand():
+    # one completion of 2 tokens (the third is masked), advantage +1, clip 0.2, beta 0.5
+    # token 1: ratio e^0.5 = 1.6487 > 1.2 -> clipped term min(1.6487, 1.2) * 1 = 1.2, no gradient
+    # token 2: ratio e^-0.1 = 0.9048, inside the clip range -> 0.9048
+    # k3 KL, d = ref - pi: token 1 d = -0.5: e^-0.5 + 0.5 - 1 = 0.106531; token 2 d = 0.3:
+    # e^0.3 - 0.3 - 1 = 0.049859
+    logp = torch.tensor([[-1.0, -2.0, -9.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -1.9, -9.0]])
+    ref = torch.tensor([[-1.5, -1.7, 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    loss, m = grpo_loss(logp, old, ref, mask, torch.tensor([1.0]), clip_eps=0.2, beta=0.5)
+    kl1, kl2 = math.exp(-0.5) + 0.5 - 1, math.exp(0.3) - 0.3 - 1
+    expected = ((-1.2 + 0.5 * kl1) + (-math.exp(-0.1) + 0.5 * kl2)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["kl"] == pytest.approx((kl1 + kl2) / 2, rel=1e-6)
+    loss.backward()
+    # d/dlogp: token 1 only the KL term, beta * (1 - e^d) / 2; token 2 -ratio / 2 + beta * (1 - e^d) / 2
+    assert logp.grad[0, 0].item() == pytest.approx(0.5 * (1 - math.exp(-0.5)) / 2, rel=1e-5)
+    assert logp.grad[0, 1].item() == pytest.approx((-math.exp(-0.1) + 0.5 * (1 - math.exp(0.3))) / 2, rel=1e-5)
+    assert logp.grad[0, 2] == 0
+    # a negative advantage clips below: ratio 0.5 -> -min(0.5 * -1, clip(0.5) = 0.8 * -1) = 0.8
+    loss, _ = grpo_loss(torch.tensor([[math.log(0.5)]]), torch.zeros(1, 1), torch.tensor([[math.log(0.5)]]),
+                        torch.tensor([[True]]), torch.tensor([-1.0]), clip_eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(0.8)  # -min(0.5 * -1, 0.8 * -1) = 0.8
+
+
+def test_grpo_refuses_fsdp2_and_format(tmp_path, capsys):
+    root = tmp_path
+    start = make_start(root / "start", dim=32, n_layers=1)
+    prompts = write_jsonl(root / "p.jsonl", [{"prompt": "say a", "answer": "a"}] * 4)
+    args = ["grpo", "--model", str(start), "--data", str(prompts), "--out", str(root / "o"), "--no-progress",
+            "train.max_steps=1", "train.micro_batch_size=2", "data.valid_fraction=0"]
+    assert main([*args, "train.strategy=fsdp2"]) == 2
+    assert "train.strategy=fsdp2: GRPOObjective generates with the model" in capsys.readouterr().err
+    assert main([*args, "--format", "alpaca"]) == 2  # prompts have one format: --format is no flag here
+    assert "format: unknown key" in capsys.readouterr().err
 
 
 def test_prompt_file_errors(tmp_path):

@@ -117,9 +117,12 @@ def test_export_and_import_commands_with_a_tokenizer(tmp_path, tokenizer_dir):
     (run / "checkpoints" / "latest").write_text("step_0000003\n")
     for f in tokenizer_dir.iterdir():
         (run / f.name).write_bytes(f.read_bytes())
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    (run / "chat_template.jinja").write_text(template)  # transformers 5's file: travels with the tokenizer
 
     assert cli_main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
     hf_dir = tmp_path / "hf"
+    assert (hf_dir / "chat_template.jinja").read_text() == template
     ours_tok, hf_tok = Tokenizer.load(tokenizer_dir), AutoTokenizer.from_pretrained(hf_dir)
     text = "To be, or not to be: that is the question.\n  Whether 'tis nobler 123"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours_tok.encode(text)
@@ -133,7 +136,39 @@ def test_export_and_import_commands_with_a_tokenizer(tmp_path, tokenizer_dir):
     assert cli_main(["import", str(hf_dir), "--out", str(tmp_path / "back")]) == 0
     back = load_model(tmp_path / "back")
     assert (tmp_path / "back" / "tokenizer.json").is_file()
+    assert (tmp_path / "back" / "chat_template.jinja").read_text() == template
+    # a checkpoint of a run started from the imported model keeps the template too (one copy rule)
+    from openllama.train import checkpoint as ckpt
+    from openllama.train.engine import OptimConfig, build_optimizer
+
+    optimizer = build_optimizer(back, OptimConfig(), torch.device("cpu"))
+    saved = ckpt.CheckpointManager(tmp_path / "sft", tokenizer_dir=tmp_path / "back").save(
+        1, back, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), {"step": 1})
+    assert (saved / "model" / "chat_template.jinja").read_text() == template
     assert Tokenizer.load(tmp_path / "back").encode(text) == ours_tok.encode(text)
     tokens = torch.randint(0, 512, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(back(tokens), model(tokens), atol=1e-4, rtol=0)
+
+
+def test_evaluate_reads_our_run_dir_and_the_exported_hf_dir_alike(tmp_path, capsys):
+    from test_packing import write_token_shards
+
+    model = our_model(vocab_size=120)
+    run = tmp_path / "run"
+    save_model(model, run / "checkpoints" / "step_0000001" / "model")
+    (run / "checkpoints" / "step_0000001" / "COMPLETE").write_text("")
+    export_hf(model, tmp_path / "hf")
+    gen = torch.Generator().manual_seed(1)
+    tokens = write_token_shards(tmp_path / "tokens", [torch.randint(3, 120, (30,), generator=gen).tolist()
+                                                      for _ in range(12)], vocab_size=120)
+    results = []
+    for model_dir in (run, tmp_path / "hf"):
+        capsys.readouterr()
+        assert cli_main(["evaluate", "--model", str(model_dir), "--data", str(tokens), "--seq-len", "32",
+                         "--device", "cpu", "--dtype", "fp32"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    ours, hf = results
+    assert (ours["device"], ours["dtype"]) == ("cpu", "float32") and ours["tokens"] == hf["tokens"] > 0
+    assert ours["loss"] == pytest.approx(hf["loss"], rel=1e-5) and ours["loss"] > 1.0
+    assert cli_main(["evaluate", "--model", str(run), "--data", str(tokens), "--dtype", "int3"]) == 2

@@ -167,6 +167,32 @@ def test_fused_loss_equals_logits_then_cross_entropy(reduction):
         torch.testing.assert_close(g_fused[n], p.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_per_token_loss_equals_cross_entropy_none_with_weighted_gradients():
+    # reduction="none": each token's loss, and gradients of any weighting of them (GRPO / DPO use
+    # per-token log-probs with per-sequence weights), as logits + F.cross_entropy gives
+    model = tiny(tie_embeddings=False).train()
+    tokens = torch.randint(0, 97, (2, 11))
+    targets = tokens[:, 1:].clone()
+    targets[1, 4:] = -100
+    weights = torch.randn(2, 10)
+    per_token = model(tokens[:, :-1], targets=targets, reduction="none")
+    assert per_token.shape == (2, 10) and per_token.dtype == torch.float32
+    (per_token * weights).sum().backward()
+    g_fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain = F.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), targets, reduction="none")
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(per_token, plain, atol=1e-5, rtol=1e-5)
+    assert torch.all(per_token[1, 4:] == 0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g_fused[n], p.grad, atol=1e-6, rtol=1e-4)
+    h, w = torch.randn(50, 8), torch.randn(30, 8)
+    t = torch.randint(0, 30, (50,))
+    for chunk_bytes in (4 * 30, 4 * 30 * 7):  # chunk boundaries: 1 row, 7 rows
+        torch.testing.assert_close(linear_cross_entropy(h, w, t, reduction="none", chunk_bytes=chunk_bytes),
+                                   F.cross_entropy(h @ w.t(), t, reduction="none"))
+
+
 def test_linear_cross_entropy_chunks_and_no_grad():
     h, w = torch.randn(50, 8), torch.randn(30, 8)
     t = torch.randint(0, 30, (50,))

@@ -88,13 +88,17 @@ def test_exported_tokenizer_renders_our_ids(setup, tmp_path):
     assert "<|im_start|>" in hf.apply_chat_template(messages, tokenize=False)
 
 
-def test_lora_sft_merges_and_resumes_exactly(setup):
+def test_lora_sft_merges_and_resumes_exactly(setup, capsys):
     root, start, data = setup
     common = ["--model", str(start), "--data", str(data), "--no-progress", "lora.r=4", "lora.targets=[wq,wv,w2]",
               "train.max_steps=4", "train.micro_batch_size=2", "train.seq_len=64", "optim.lr=1e-2"]
     assert main(["sft", "--out", str(root / "a"), *common]) == 0
     assert main(["sft", "--out", str(root / "b"), *common, "train.halt_at_step=2"]) == 0
-    assert main(["sft", "--out", str(root / "b"), "--resume", "--no-progress", "train.halt_at_step=null"]) == 0
+    # --resume reads b's config.yaml; what is given with it must agree (run-control keys aside)
+    assert main(["sft", "--out", str(root / "b"), "--resume", "--no-progress", "optim.lr=1e-3"]) == 2
+    assert "config.yaml has optim.lr=0.01 but this command gives 0.001" in capsys.readouterr().err
+    assert main(["sft", "--out", str(root / "b"), "--resume", "--no-progress", "train.halt_at_step=null",
+                 *common]) == 0
     assert [r["loss"] for r in metrics(root / "a", "train")] == [r["loss"] for r in metrics(root / "b", "train")]
 
     from safetensors.torch import load_file
@@ -118,7 +122,14 @@ def test_lora_sft_merges_and_resumes_exactly(setup):
 def test_bad_data_is_a_user_error(setup, tmp_path, capsys):
     root, start, _ = setup
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x"}])
-    assert main(["sft", "--model", str(start), "--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert main(["sft", "--model", str(start), "--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress",
+                 "train.max_steps=1"]) == 2
     assert "bad.jsonl: line 2: key 'output' must be a string" in capsys.readouterr().err
-    assert main(["sft", "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["sft", "--data", str(bad), "--out", str(tmp_path / "o"), "train.max_steps=1"]) == 2
     assert "no starting model" in capsys.readouterr().err
+    # the length is explicit (no hidden default), and counted in steps: max_tokens is pretraining's
+    assert main(["sft", "--model", str(start), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "no training length: pass train.max_steps=N" in capsys.readouterr().err
+    assert main(["sft", "--model", str(start), "--data", str(bad), "--out", str(tmp_path / "o"),
+                 "train.max_tokens=1000"]) == 2
+    assert "train.max_tokens is for pretraining" in capsys.readouterr().err

@@ -7,7 +7,8 @@ where tokens_per_byte = (num_tokens - num_docs) / num_bytes from the shards' man
 document `[bos] + ids + [eos]` gives len - 1 predictions: its ids and the eos). On a subset of the
 windows this is an estimate of the corpus figure.
 
-`openllama evaluate --model DIR --data TOKENS_DIR` prints the results as JSON.
+`openllama evaluate --model DIR --data TOKENS_DIR [--device cuda --dtype bf16]` prints the results as JSON;
+DIR is anything generate/serve read (a model, step or run directory, or an exported Hugging Face one).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def evaluate_corpus(model: torch.nn.Module, corpus: TokenCorpus, seq_len: int, b
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="an openllama model directory (a checkpoint's model/)")
+    from .generate import add_model_arguments
+
+    add_model_arguments(parser)  # --model (model/step/run/HF dir), --device, --dtype, --compile, --threads
     parser.add_argument("--data", default=None, help="a token-shard directory (held-out text)")
     parser.add_argument("--tasks", default=None,
                         help="a task file (JSON lines of messages + answer, e.g. the built-in tasks/test.jsonl): "
@@ -75,29 +78,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .errors import UserError
-    from .model import load_model
+    from .generate import apply_threads, load_for_inference
 
     if not args.data and not args.tasks:
         raise UserError("evaluate: give --data (held-out token shards) and/or --tasks (a task file)")
-    model = load_model(args.model)
-    results = {"model": str(args.model)}
+    apply_threads(args)
+    # the same loading as generate/serve: our model, step and run dirs and exported HF dirs, on --device
+    loaded = load_for_inference(args.model, device=args.device, dtype=args.dtype, require_tokenizer=bool(args.tasks))
+    cfg, weight = loaded.model.cfg, next(loaded.model.parameters())
+    scorer = torch.compile(loaded.model) if args.compile else loaded.model
+    results = {"model": str(args.model), "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
     if args.data:
         corpus = TokenCorpus(args.data)
         vocab = corpus.manifest.get("tokenizer", {}).get("vocab_size")
-        if vocab is not None and vocab > model.cfg.vocab_size:
-            raise UserError(f"{args.data}: tokenizer vocab_size {vocab} is larger than the model's {model.cfg.vocab_size}")
-        seq_len = args.seq_len or model.cfg.max_seq_len
+        if vocab is not None and vocab > cfg.vocab_size:
+            raise UserError(f"{args.data}: tokenizer vocab_size {vocab} is larger than the model's {cfg.vocab_size}")
+        seq_len = args.seq_len or cfg.max_seq_len
         results.update(data=str(args.data), seq_len=seq_len,
-                       **evaluate_corpus(model, corpus, seq_len, args.batch_size, args.max_batches))
+                       **evaluate_corpus(scorer, corpus, seq_len, args.batch_size, args.max_batches))
     if args.tasks:
-        from .model import find_tokenizer_dir
         from .tasks import load_tasks, task_report
-        from .tokenizer import Tokenizer
 
-        tok_dir = find_tokenizer_dir(args.model)
-        if tok_dir is None:
-            raise UserError(f"{args.model}: --tasks needs the tokenizer files beside the model")
-        results["tasks"] = task_report(model, Tokenizer.load(tok_dir), load_tasks(args.tasks),
+        results["tasks"] = task_report(loaded.model, loaded.tokenizer, load_tasks(args.tasks),
                                        max_new_tokens=args.max_new_tokens)
         results["tasks"]["file"] = str(args.tasks)
     text = json.dumps(results, indent=2, ensure_ascii=False)

@@ -476,10 +476,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
-                       dtype: str | torch.dtype = "auto") -> Loaded:
+                       dtype: str | torch.dtype = "auto", require_tokenizer: bool = True) -> Loaded:
     """Model + tokenizer, ready for `Generator`, from any of: an openllama model dir, a checkpoint
     step dir, a run dir (its newest step) or an exported Hugging Face Llama dir (config.json);
-    the tokenizer files are looked for beside the model, in its step dir and in its run dir."""
+    the tokenizer files are looked for beside the model, in its step dir and in its run dir.
+    require_tokenizer=False (scoring token shards needs none): tokenizer and tokenizer_dir may be None."""
     from .model import find_tokenizer_dir, load_model, resolve_model_dir, use_cpu_decode_layout
     from .tokenizer import Tokenizer
 
@@ -498,16 +499,17 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
         model_dir, kind = resolve_model_dir(start), "openllama"
         model = load_model(model_dir, device=device, dtype=dtype)
         tok_dir = find_tokenizer_dir(start)
-    if tok_dir is None:
+    if tok_dir is None and require_tokenizer:
         raise UserError(f"{start}: no tokenizer files (tokenizer.model) beside the model, in its step "
                         f"directory or in its run directory")
-    tokenizer = Tokenizer.load(tok_dir)
-    if tokenizer.vocab_size > model.cfg.vocab_size:
+    tokenizer = Tokenizer.load(tok_dir) if tok_dir is not None else None
+    if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
         raise UserError(f"{tok_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                         f"{model.cfg.vocab_size}")
     if device.type == "cpu":
         use_cpu_decode_layout(model)
-    return Loaded(model.eval(), tokenizer, model_dir, Path(tok_dir), start.resolve().name, {"kind": kind})
+    return Loaded(model.eval(), tokenizer, model_dir, Path(tok_dir) if tok_dir is not None else None,
+                  start.resolve().name, {"kind": kind})
 
 
 # -- command line --------------------------------------------------------------------------------

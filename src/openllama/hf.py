@@ -27,9 +27,7 @@ import torch
 from .config import ModelConfig
 from .errors import UserError
 from .model import CONFIG_FILE, Llama, find_tokenizer_dir, load_model, resolve_model_dir
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")
+from .tokenizer import copy_tokenizer_files
 
 # our name -> transformers name, per layer ("{i}" is the layer index)
 _LAYER_NAMES = {
@@ -130,15 +128,6 @@ def _token_ids(tokenizer_dir: Path | None) -> dict[str, int | None]:
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return {"bos_id": tok.bos_token_id, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id}
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 def export_hf(model_or_dir: Llama | str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,

@@ -275,19 +275,57 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
+class _LinearCrossEntropyPerRow(torch.autograd.Function):
+    """Per-row cross-entropy of `h @ weight.T` (0 on ignored rows), chunked like the fused loss.
+    The incoming gradient differs per row, so the backward recomputes each chunk's softmax
+    rather than keeping (N, vocab) of anything: one extra matmul per chunk, same peak memory."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, chunk: int):
+        valid = targets != ignore_index
+        safe_targets = targets.masked_fill(~valid, 0)
+        out = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            logits = (h[s:s + chunk] @ weight.t()).float()
+            nll = torch.logsumexp(logits, -1) - logits.gather(1, safe_targets[s:s + chunk, None]).squeeze(1)
+            out[s:s + chunk] = nll * valid[s:s + chunk]
+        ctx.save_for_backward(h, weight, safe_targets, valid)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, safe_targets, valid = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        scale = (grad_out.float() * valid)[:, None]
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc = h[s:s + ctx.chunk]
+            grad = torch.softmax((hc @ weight.t()).float(), -1)
+            grad.scatter_add_(1, safe_targets[s:s + ctx.chunk, None], torch.full_like(grad[:, :1], -1.0))
+            grad = (grad * scale[s:s + ctx.chunk]).to(h.dtype)  # softmax - one_hot, times d loss_i
+            if need_h:
+                torch.mm(grad, weight, out=grad_h[s:s + ctx.chunk])
+            if need_w:
+                grad_w += (grad.t() @ hc).float()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
+
+
 @torch.compiler.disable  # a loop of large matmuls: nothing to fuse, and unrolling it would slow compiles
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          ignore_index: int = -100, reduction: str = "mean",
                          chunk_bytes: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(h @ weight.T, targets)` without materialising the logits: h (N, d), weight
-    (V, d), targets (N,). reduction "mean" (over targets != ignore_index) or "sum". Under autocast
+    (V, d), targets (N,). reduction "mean" (over targets != ignore_index), "sum", or "none": the
+    (N,) float32 loss per row, 0 where ignored (for per-token log-probs). Under autocast
     the matmuls run in the autocast dtype and the softmax in float32. `chunk_bytes` bounds one
     chunk's float32 logits (default 64 MiB on CPU, 256 MiB on GPU: few enough chunks that each
     matmul stays large)."""
     if chunk_bytes is None:
         chunk_bytes = 2**26 if h.device.type == "cpu" else 2**28
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), weight.to(dtype)
@@ -297,6 +335,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not torch.is_grad_enabled():  # evaluation: the Function would still form the gradients
         h, w = h.detach(), w.detach()
     with torch.autocast(h.device.type, enabled=False):
+        if reduction == "none":
+            return _LinearCrossEntropyPerRow.apply(h, w, targets, ignore_index, chunk)
         return _LinearCrossEntropy.apply(h, w, targets, ignore_index, reduction == "sum", chunk)
 
 
@@ -344,7 +384,8 @@ class Llama(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab) (or final hidden states with `return_hidden`).
 
         targets:   (B, T) next-token ids: returns the cross-entropy loss instead of the logits
-                   (`reduction` "mean" over targets != ignore_index, or "sum"), computed in row
+                   (`reduction` "mean" over targets != ignore_index, "sum", or "none": (B, T)
+                   per token, 0 where ignored), computed in row
                    chunks so the (B, T, vocab) logits never exist at once (see `linear_cross_entropy`).
 
         doc_ids:   (B, T) document index per token for packed sequences (no cross-document attention).
@@ -380,8 +421,9 @@ class Llama(nn.Module):
             h = h[:, -1:]
         h = self.norm(h)
         if targets is not None:
-            return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(),
+            loss = linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten(),
                                         ignore_index=ignore_index, reduction=reduction)
+            return loss.view(B, -1) if reduction == "none" else loss
         return h if return_hidden else self.output(h)
 
     # -- accounting ----------------------------------------------------------------------------

@@ -140,9 +140,9 @@ def evaluate_tasks(tasks: Sequence[dict], answer: Callable[[list[list[dict]]], l
 
 def chat_answerer(model, tokenizer, *, max_new_tokens: int = 16, template: str | None = None,
                   temperature: float = 0.0, seed: int = 0) -> Callable[[list[list[dict]]], list[str]]:
-    """Replies of a model in the chat format. The prompt is rendered by the chat template with
-    the generation prompt, minus its trailing space: the reply's first token carries that space
-    in training (SentencePiece joins `▁` with the word), so the prompt must stop before it."""
+    """Replies of a model in the chat format. Prompts are `ChatTemplate.generation_ids`: the
+    conversation + generation prompt minus trailing whitespace tokens, which training counts as
+    the start of the reply (as serve and GRPO build them)."""
     from .data.chat import ChatTemplate
     from .generate import Generator, SamplingParams
 
@@ -151,10 +151,7 @@ def chat_answerer(model, tokenizer, *, max_new_tokens: int = 16, template: str |
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop=("\n",), seed=seed)
 
     def answer(prompts: list[list[dict]]) -> list[str]:
-        ids = []
-        for msgs in prompts:
-            text = tpl.render(msgs, add_generation_prompt=True)
-            ids.append(tokenizer.encode_with_offsets(text.rstrip(" "))[0])
+        ids = [tpl.generation_ids(msgs, tokenizer) for msgs in prompts]
         return [c.text.strip() for c in gen.generate(ids, params)]
 
     return answer
@@ -167,7 +164,7 @@ def reply_loss(model, tokenizer, tasks: Sequence[dict], *, template: str | None 
     import torch
 
     from .data.chat import IGNORE_INDEX, ChatTemplate
-    from .evaluate import token_cross_entropy
+    from .train.logprobs import token_logprobs
 
     tpl = ChatTemplate.for_tokenizer(tokenizer, template)
     examples = [tpl.encode(t["messages"], tokenizer, only_last=True) for t in tasks]
@@ -183,10 +180,9 @@ def reply_loss(model, tokenizer, tasks: Sequence[dict], *, template: str | None 
             labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
             for j, e in enumerate(chunk):
                 tokens[j, :len(e)] = torch.tensor(e.ids)
-                labels[j, :len(e) - 1] = torch.tensor(e.labels[1:])  # position t predicts token t + 1
-            logits = model(tokens)
-            total += float(token_cross_entropy(logits, labels, reduction="sum"))
-            count += int((labels != IGNORE_INDEX).sum())
+                labels[j, :len(e)] = torch.tensor(e.labels)
+            total -= float(token_logprobs(model, tokens, labels).sum())
+            count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     model.train(was_training)
     return (total / count if count else float("nan")), count
 

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Iterator, Sequence
 from .errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# what travels with a model (checkpoints, runs, HF import/export): our files plus transformers 5's chat template
+COPIED_FILES = TOKENIZER_FILES + ("chat_template.jinja",)
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPACE = "\u2581"  # SentencePiece's escaped space "▁"
@@ -68,6 +70,22 @@ COMPRESSION_SAMPLES = {
         "    return out\n"
     ),
 }
+
+
+def copy_tokenizer_files(src: str | Path | None, dst: str | Path) -> list[str]:
+    """Copy the COPIED_FILES that exist in `src` into `dst` (created if needed); returns their names.
+    The one copy rule for checkpoints, run directories and Hugging Face import/export."""
+    import shutil
+
+    if src is None or not Path(src).is_dir():
+        return []
+    src, dst = Path(src), Path(dst)
+    copied = [name for name in COPIED_FILES if (src / name).is_file()]
+    if copied:
+        dst.mkdir(parents=True, exist_ok=True)
+    for name in copied:
+        shutil.copy2(src / name, dst / name)
+    return copied
 
 
 # ---------------------------------------------------------------- reading training text

@@ -574,8 +574,16 @@ class EpochBatches:
         return self.collate(chunk)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "world": self.world,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        # the position counts per-rank batches: on another world size or batch size it would name
+        # other rows, so resuming there would silently repeat or skip data
+        for key in ("world", "batch_size"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise UserError(f"data position in checkpoint has {key}={state[key]}, this run has "
+                                f"{getattr(self, key)}: resume with the same number of ranks and "
+                                f"train.micro_batch_size")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
         self.seed = int(state.get("seed", self.seed))

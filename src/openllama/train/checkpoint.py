@@ -31,12 +31,12 @@ import torch
 
 from ..errors import UserError
 from ..model import CONFIG_FILE, save_model
+from ..tokenizer import copy_tokenizer_files  # noqa: F401  (engine.py uses it as ckpt.copy_tokenizer_files)
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 STEP_RE = re.compile(r"^step_(\d{7,})$")
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "zero"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def step_dir_name(step: int) -> str:
@@ -75,19 +75,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def copy_tokenizer_files(src: Path | None, dst: Path) -> list[str]:
-    """Copy the tokenizer files that exist in `src` into `dst`; returns their names."""
-    if src is None or not Path(src).is_dir():
-        return []
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 def rng_state() -> dict:
@@ -182,9 +169,11 @@ class CheckpointManager:
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict,
              extra_state: dict[str, object] | None = None, deepspeed_engine=None) -> Path:
         """Every rank calls this (collective under FSDP2 and DeepSpeed). A failed write (disk full,
-        read-only directory) removes the partial directory and raises CheckpointWriteError; the
-        previous checkpoint and `latest` are untouched. With `deepspeed_engine` (ZeRO-1/2: `model`
-        holds the full parameters on every rank) the optimizer state is DeepSpeed's own checkpoint."""
+        read-only directory) on any rank removes the partial directory and raises the same
+        CheckpointWriteError on every rank (the ranks agree after each phase, so none is left waiting
+        at a barrier); the previous checkpoint and `latest` are untouched. With `deepspeed_engine`
+        (ZeRO-1/2: `model` holds the full parameters on every rank) the optimizer state is
+        DeepSpeed's own checkpoint."""
         from .distributed import full_model_state, is_sharded
 
         final = self.root / step_dir_name(step)
@@ -193,56 +182,84 @@ class CheckpointManager:
         # gathered on every rank (collective); full tensors on rank 0 only
         model_state = full_model_state(model) if sharded else None
         optimizer_state = _optimizer_state(model, optimizer) if deepspeed_engine is None else None
-        try:
+
+        def prepare() -> None:
             if self.rank == 0:
                 self.root.mkdir(parents=True, exist_ok=True)
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 (tmp / "state").mkdir(parents=True)
-            self.barrier()
+
+        def write() -> None:
             torch.save(rng_state(), tmp / "state" / f"rng_rank{self.rank}.pt")
             if deepspeed_engine is not None:  # collective: every rank writes its ZeRO partition
                 deepspeed_engine.save_checkpoint(str(tmp / "state" / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                                  save_latest=False)
-            if self.rank == 0:
-                if sharded:
-                    if hasattr(model, "save_checkpoint"):
-                        raise UserError("train.strategy=fsdp2 cannot save a wrapped model (LoRA, reward head) yet")
-                    save_model(_GatheredModel(model.cfg, model_state), tmp / "model")
-                else:
-                    # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint
-                    (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
-                copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
-                if optimizer_state is not None:
-                    torch.save(optimizer_state, tmp / "state" / "optimizer.pt")
-                torch.save(scheduler.state_dict(), tmp / "state" / "scheduler.pt")
-                for name, obj in (extra_state or {}).items():
-                    torch.save(obj, tmp / "state" / f"{name}.pt")
-                (tmp / "state" / "trainer.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
-            self.barrier()
-            if self.rank == 0:
-                _fault_point(step, "before_complete")
-                (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
-                _fsync_tree(tmp)
-                if final.exists():  # a re-run of the same step after a resume: replace it
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _fsync_dir(self.root)
-                _fault_point(step, "before_latest")
-                write_text_atomic(self.root / LATEST, final.name + "\n")
-                self._prune()
-        except Exception as exc:  # ENOSPC, EROFS, EACCES, EDQUOT ...: say what and where, keep the last good one
-            cause = _write_failure(exc, self.root)
-            if cause is None:
-                raise
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.latest()
-            raise CheckpointWriteError(
-                f"{cause.filename or tmp}: cannot write checkpoint {final.name} ({cause.strerror}); "
-                f"last good checkpoint: {previous if previous is not None else 'none'}") from None
-        self.barrier()
+            if self.rank != 0:
+                return
+            if sharded:
+                if hasattr(model, "save_checkpoint"):
+                    raise UserError("train.strategy=fsdp2 cannot save a wrapped model (LoRA, reward head) yet")
+                save_model(_GatheredModel(model.cfg, model_state), tmp / "model")
+            else:
+                # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint
+                (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
+            copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / "state" / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "state" / "scheduler.pt")
+            for name, obj in (extra_state or {}).items():
+                torch.save(obj, tmp / "state" / f"{name}.pt")
+            (tmp / "state" / "trainer.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+
+        def publish() -> None:
+            if self.rank != 0:
+                return
+            _fault_point(step, "before_complete")
+            (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
+            _fsync_tree(tmp)
+            if final.exists():  # a re-run of the same step after a resume: replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            _fault_point(step, "before_latest")
+            write_text_atomic(self.root / LATEST, final.name + "\n")
+            self._prune()
+
+        for phase in (prepare, write, publish):
+            error, failure = None, None
+            try:
+                phase()
+            except Exception as exc:  # ENOSPC, EROFS, EACCES, EDQUOT ...: say what and where, keep the last good one
+                error, failure = exc, self._describe_failure(exc, final)
+            failure = self._agree(failure)  # also the barrier between phases
+            if failure is not None:
+                if self.rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                if error is not None and _write_failure(error, self.root) is None:
+                    raise error  # a bug, not a write failure: the rank that hit it shows the real traceback
+                raise CheckpointWriteError(failure) from None
         return final
+
+    def _describe_failure(self, exc: BaseException, final: Path) -> str:
+        cause = _write_failure(exc, self.root)
+        if cause is None:
+            return f"checkpoint {final.name} failed on rank {self.rank}: {type(exc).__name__}: {exc}"
+        previous = self.latest()
+        return (f"{cause.filename or final.parent / ('.tmp_' + final.name)}: cannot write checkpoint {final.name} "
+                f"({cause.strerror}); last good checkpoint: {previous if previous is not None else 'none'}")
+
+    def _agree(self, failure: str | None) -> str | None:
+        """Every rank learns the first failure of any rank (None: all went well). A collective, so
+        it is also the barrier between the phases of a save."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: list[str | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, failure)
+            return next((f for f in everyone if f is not None), None)
+        self.barrier()
+        return failure
 
     def _prune(self) -> None:
         complete = self.complete_steps()

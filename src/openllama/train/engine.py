@@ -89,6 +89,47 @@ class TrainConfig(Section):
         return self
 
 
+# what a resumed run may change: how long it runs (extend max_steps, stop earlier with halt_at_step), how
+# it is laid out on the hardware and how often it saves/logs/evaluates, none of which changes the weights'
+# trajectory (grad_accum_steps keeps the global batch when the world size changes; the data position
+# refuses a different one, see objectives.py)
+RUN_LENGTH_KEYS = ("train.max_steps", "train.max_tokens", "train.halt_at_step")
+LAYOUT_KEYS = ("train.grad_accum_steps", "train.strategy", "train.cpu", "train.compile",
+               "train.activation_checkpointing", "train.save_every", "train.keep_last", "train.eval_every",
+               "train.log_every", "train.trackers")
+
+
+def resume_config(cls: type, out: str | Path, config: str | Path | None, overrides: list[str] | None):
+    """The config of `--resume` (one rule): RUN/config.yaml, the config the run was started with,
+    plus `overrides`; or `config` + overrides, which must then agree with it. Either way only the
+    RUN_LENGTH_KEYS (and LAYOUT_KEYS) may differ from the saved config; anything else is a one-line
+    UserError. A run
+    without config.yaml yet (nothing was written) starts from `config`."""
+    from ..config import build, load_config, merge, parse_overrides, read_yaml
+
+    saved_file = Path(out) / "config.yaml"
+    if not saved_file.is_file():
+        if config is None:
+            raise UserError(f"{saved_file}: not found, so there is nothing to resume; give --config to start the run")
+        return load_config(cls, config, overrides)
+    saved = load_config(cls, saved_file)
+    # halt_at_step ends one invocation early: the saved one does not carry over to the next
+    data = read_yaml(config) if config is not None else merge(dump_config(saved), {"train": {"halt_at_step": None}})
+    extra = parse_overrides(overrides or [])
+    if {"max_steps", "max_tokens"} & set(extra.get("train", {})):  # a new length replaces the old one
+        data = merge(data, {"train": {"max_steps": None, "max_tokens": None}})
+    cfg = build(cls, merge(data, extra), str(config or saved_file))
+    ours, theirs = _flatten(dump_config(cfg)), _flatten(dump_config(saved))
+    free = RUN_LENGTH_KEYS + LAYOUT_KEYS
+    diff = [k for k in sorted(set(ours) | set(theirs)) if k not in free and ours.get(k) != theirs.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: run {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in diff[:3])
+        raise UserError(f"{saved_file}: --resume with a different config ({shown}); only the run length "
+                        f"({', '.join(RUN_LENGTH_KEYS)}), layout and save/log cadence may change; start a new "
+                        f"--out otherwise")
+    return cfg
+
+
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
 
@@ -198,13 +239,18 @@ def _make_accelerator(tc: TrainConfig, oc: OptimConfig, out: Path):
 
 
 def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, resume: bool = False,
-          tokenizer_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+          tokenizer_dir: str | Path | None = None, progress: bool = True, eval_at_start: bool = False) -> dict[str, Any]:
     """Train `model` on `objective` with `cfg.train` and `cfg.optim`; returns a summary dict
     (`step`, `tokens_seen`, `loss`, `checkpoint`, `eval`). `cfg` is the stage's full config and is
     written to RUN/config.yaml; `tokenizer_dir` files are copied into the run and every checkpoint."""
     tc: TrainConfig = cfg.train
     oc: OptimConfig = cfg.optim
     out = Path(out_dir)
+    if tc.strategy == "fsdp2" and getattr(objective, "needs_full_model", False):
+        # it samples from the model: ranks decode different numbers of steps, and a sharded
+        # model's all-gathers would then never match up (a hang, not an error)
+        raise UserError(f"train.strategy=fsdp2: {type(objective).__name__} generates with the model, which a "
+                        f"sharded model cannot do rank by rank; use train.strategy=ddp")
     accelerator, strategy = _make_accelerator(tc, oc, out)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
@@ -332,6 +378,8 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
             bar.write(f"step {at}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
 
+    # the starting model, evaluated like every later evaluation (eval_at_start; fresh runs only)
+    start_eval = evaluate(0) if eval_at_start and latest is None else None
     model_p.train()
     try:
         while step < halt:
@@ -429,4 +477,4 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
         if tc.trackers:
             accelerator.end_training()
     return {"step": step, "tokens_seen": tokens_seen, "loss": last_loss, "checkpoint": str(saved) if saved else None,
-            "eval": last_eval, "max_steps": steps_total}
+            "eval": last_eval, "max_steps": steps_total, "eval_start": start_eval}

@@ -20,22 +20,24 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Section
-from ..data.chat import IGNORE_INDEX, ChatTemplate, EpochBatches, ReadReport, RecordError, iter_json_records
+from ..data.chat import IGNORE_INDEX, ChatTemplate, EpochBatches, ReadReport, RecordError, read_records
 from ..errors import UserError
 from ..tasks import is_correct
 from .engine import OptimConfig, TrainConfig
+from .logprobs import next_token_targets, token_logprobs
 from .lora import LoraConfig, LoraLlama
+from .reward import SCORE_FILE
+from .sft import load_start, run_stage, run_template, split_held_out, stage_command
 
 
 class GRPOConfig(Section):
-    group_size: int = 8  # completions per prompt
-    prompts_per_step: int = 4
+    group_size: int = 8  # completions per prompt (prompts per micro-batch: train.micro_batch_size)
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0
@@ -53,30 +55,37 @@ class RLPrompt:
     ids: list[int] | None = None
 
 
-def read_prompts(path: str | Path, on_error: str = "raise", report: ReadReport | None = None) -> list[RLPrompt]:
-    """Prompts with reference answers: {"prompt", "answer"} or {"messages"} (last turn = answer)."""
+RL_FORMAT = SimpleNamespace(name="rl", keys=("prompt", "answer"))
+
+
+def read_prompt(record: Any) -> RLPrompt:
+    """{"prompt": str | messages, "answer"} or {"messages"} whose last (assistant) turn is the answer."""
     from ..data.chat import _messages, _text
 
+    if not isinstance(record, dict):
+        raise RecordError(f"expected a JSON object, got {type(record).__name__}")
+    if "prompt" in record:
+        prompt = record["prompt"]
+        messages = [{"role": "user", "content": _text(record, "prompt")}] if not isinstance(prompt, list) \
+            else _messages(prompt, "prompt")
+        answer = _text(record, "answer")
+    else:
+        messages = _messages(record.get("messages"), "messages")
+        if messages[-1]["role"] != "assistant":
+            raise RecordError("the last message must be the assistant's reference answer")
+        messages, answer = messages[:-1], messages[-1]["content"]
+    if messages[-1]["role"] != "user":
+        raise RecordError("the prompt must end with a user message")
+    return RLPrompt(messages, answer)
+
+
+def read_prompts(path: str | Path, on_error: str = "raise", report: ReadReport | None = None) -> list[RLPrompt]:
+    """Prompts with reference answers: {"prompt", "answer"} or {"messages"} (last turn = answer)."""
     report = report if report is not None else ReadReport(format="rl")
     out = []
-    for where, record in iter_json_records(path):
-        report.records += 1
+    for where, record, _ in read_records(path, RL_FORMAT, "prompt", lambda record: None, on_error, report):
         try:
-            if not isinstance(record, dict):
-                raise RecordError(f"expected a JSON object, got {type(record).__name__}")
-            if "prompt" in record:
-                prompt = record["prompt"]
-                messages = [{"role": "user", "content": _text(record, "prompt")}] if not isinstance(prompt, list) \
-                    else _messages(prompt, "prompt")
-                answer = _text(record, "answer")
-            else:
-                messages = _messages(record.get("messages"), "messages")
-                if messages[-1]["role"] != "assistant":
-                    raise RecordError("the last message must be the assistant's reference answer")
-                messages, answer = messages[:-1], messages[-1]["content"]
-            if messages[-1]["role"] != "user":
-                raise RecordError("the prompt must end with a user message")
-            out.append(RLPrompt(messages, answer))
+            out.append(read_prompt(record))
         except RecordError as exc:
             msg = f"{path}: {where}: {exc} (expected keys prompt + answer, or messages)"
             if on_error == "raise":
@@ -95,16 +104,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
     return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True, unbiased=False) + eps)).view(-1)
 
 
-def token_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log p of each labelled next token, (B, T-1); 0 where unlabelled."""
-    logits = model(tokens)[:, :-1].float()
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-    return -nll
-
-
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
               advantages: torch.Tensor, clip_eps: float, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token log-probs (B, T) of the policy, the sampling policy and the reference, `mask` on
+    completion tokens, `advantages` (B,) -> (mean over completions of the per-token mean of
+    -min(ratio A, clip(ratio) A) + beta k3-KL, {"kl": mean per-token KL})."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
@@ -118,21 +122,32 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 
 
 class GRPOObjective:
+    # it samples from the model, which a sharded (FSDP2) model cannot do rank by rank (see engine)
+    needs_full_model = True
+
     def __init__(self, prompts: list[RLPrompt], held_out: list[RLPrompt], reference: torch.nn.Module,
-                 tokenizer: Any, template: ChatTemplate, cfg: GRPOConfig, seed: int = 0,
-                 reward_fn: Callable[[Sequence[str], Sequence[RLPrompt]], list[float]] | None = None):
+                 tokenizer: Any, template: ChatTemplate, cfg: GRPOConfig, micro_batch_size: int, seed: int = 0,
+                 reward_fn: Callable[[Sequence[str], Sequence[RLPrompt]], list[float]] | None = None,
+                 reward_model: str | None = None):
         self.cfg, self.tokenizer, self.template, self.seed = cfg, tokenizer, template, seed
+        self.micro_batch_size = micro_batch_size  # prompts per micro-batch
         for p in list(prompts) + list(held_out):
             p.ids = template.generation_ids(p.messages, tokenizer)
         self.prompts = [p for p in prompts if len(p.ids) <= cfg.max_prompt_len]
         self.held_out = held_out[:cfg.eval_prompts]
         self.reference = copy.deepcopy(reference).eval().requires_grad_(False)
         self.reward_fn = reward_fn or exact_match_reward
+        self.reward_model = reward_model  # loaded in setup, on the rank's device
         pad = getattr(tokenizer, "pad_id", None)
         self.pad_id = pad if pad is not None and pad >= 0 else 0
 
+    def setup(self, accelerator) -> None:
+        self.reference.to(accelerator.device)
+        if self.reward_model is not None:
+            self.reward_fn = reward_model_fn(self.reward_model, self.template, self.tokenizer, accelerator.device)
+
     def train_batches(self, rank: int, world: int) -> EpochBatches:
-        batches = EpochBatches(self.prompts, self.cfg.prompts_per_step, rank=rank, world=world, seed=self.seed)
+        batches = EpochBatches(self.prompts, self.micro_batch_size, rank=rank, world=world, seed=self.seed)
         batches.collate = lambda items: {"prompts": items, "position": dict(batches.state_dict()), "rank": rank}
         return batches
 
@@ -173,15 +188,16 @@ class GRPOObjective:
         device = next(model.parameters()).device
         adv = group_advantages(rewards, G).to(device)
         tokens, labels = self._rows(expanded, completions, device)
-        mask = labels[:, 1:] != IGNORE_INDEX
+        mask = next_token_targets(labels) != IGNORE_INDEX  # positions that predict a completion token
         logp = token_logprobs(model, tokens, labels)
         with torch.no_grad():
-            self.reference.to(device)
             ref_logp = token_logprobs(self.reference, tokens, labels)
         loss, metrics = grpo_loss(logp, logp.detach(), ref_logp, mask, adv, self.cfg.clip_eps, self.cfg.beta)
         metrics.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
                        completion_len=float(mask.sum(-1).float().mean().item()))
-        return loss, metrics, int(mask.sum())
+        # tokens the model processed: prompt + completion of every row, padding left out
+        n_tokens = sum(len(p.ids) + len(c.token_ids) for p, c in zip(expanded, completions))
+        return loss, metrics, n_tokens
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
@@ -214,11 +230,11 @@ class GRPOStageConfig(Section):
     optim: OptimConfig = OptimConfig(lr=1e-5, weight_decay=0.0)
 
 
-def reward_model_fn(path: str, template: ChatTemplate, tokenizer: Any):
-    """A reward function backed by a trained reward model directory."""
+def reward_model_fn(path: str, template: ChatTemplate, tokenizer: Any, device: torch.device | str = "cpu"):
+    """A reward function backed by a trained reward model directory, loaded on `device`."""
     from .reward import load_reward_model
 
-    rm = load_reward_model(path, "cuda" if torch.cuda.is_available() else "cpu")
+    rm = load_reward_model(path, device)
 
     @torch.no_grad()
     def score(completions: Sequence[str], prompts: Sequence[RLPrompt]) -> list[float]:
@@ -233,11 +249,13 @@ def reward_model_fn(path: str, template: ChatTemplate, tokenizer: Any):
 
 
 def grpo(cfg: GRPOStageConfig, out, resume: bool = False, progress: bool = True) -> dict:
-    from .sft import load_start, run_stage, run_template, split_held_out
-
     out = Path(out)
     if not cfg.data.train:
         raise UserError("no training prompts: pass --data FILE or set data.train=[...]")
+    reward_model = None if cfg.grpo.reward == "exact_match" else cfg.grpo.reward
+    if reward_model is not None and not (Path(reward_model) / SCORE_FILE).is_file():
+        raise UserError(f"grpo.reward={reward_model}: not a reward model directory (no {SCORE_FILE}); "
+                        f"use exact_match or a model dir from `openllama reward`")
     model, tok, tok_dir = load_start(cfg.init)
     template, run_tok_dir = run_template(cfg.data.template, tok, tok_dir, out)
     reads = [ReadReport(format="rl") for _ in cfg.data.train]
@@ -246,9 +264,8 @@ def grpo(cfg: GRPOStageConfig, out, resume: bool = False, progress: bool = True)
         held = [p for path in cfg.data.valid for p in read_prompts(path, cfg.data.on_error)]
     else:
         prompts, held = split_held_out(prompts, cfg.data.valid_fraction, cfg.train.seed)
-    reward_fn = None if cfg.grpo.reward == "exact_match" else reward_model_fn(cfg.grpo.reward, template, tok)
-    gcfg = cfg.grpo.model_copy(update={"prompts_per_step": cfg.train.micro_batch_size})
-    objective = GRPOObjective(prompts, held, model, tok, template, gcfg, cfg.train.seed, reward_fn)
+    objective = GRPOObjective(prompts, held, model, tok, template, cfg.grpo, cfg.train.micro_batch_size,
+                              cfg.train.seed, reward_model=reward_model)
     report = {"files": [{"path": p, "records": r.records, "skipped": len(r.skipped)} for p, r in zip(cfg.data.train, reads)],
               "prompts": len(objective.prompts), "held_out": len(objective.held_out)}
     if cfg.lora.enabled:
@@ -258,18 +275,6 @@ def grpo(cfg: GRPOStageConfig, out, resume: bool = False, progress: bool = True)
 
 ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
 
-
-def add_arguments(parser) -> None:
-    from .sft import add_stage_arguments
-
-    add_stage_arguments(parser, "prompt file(s): JSON lines {prompt, answer} (or messages ending with the answer)")
-
-
-def run(args) -> int:
-    from .sft import nested, print_summary, stage_config
-
-    flags = nested({"init": args.model, "data.train": [args.data] if args.data else None,
-                    "data.on_error": args.on_error})
-    cfg = stage_config(GRPOStageConfig, args, flags)
-    print_summary(grpo(cfg, args.out, resume=args.resume, progress=not args.no_progress))
-    return 0
+# no --format: prompts have one format (prompt + answer, or messages ending with the answer)
+add_arguments, run = stage_command(GRPOStageConfig, grpo, "prompt file(s): JSON lines {prompt, answer} (or "
+                                                          "messages ending with the answer)", formats=False)

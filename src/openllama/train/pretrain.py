@@ -1,4 +1,5 @@
-"""`openllama pretrain --config configs/tiny.yaml --out runs/x [--resume] [a.b=c ...]`.
+"""`openllama pretrain --config configs/tiny.yaml --out runs/x [a.b=c ...]`; `openllama pretrain --out runs/x
+--resume [train.max_steps=N]` continues it from its own config.yaml (engine.resume_config).
 
 The config has four sections: `model` (ModelConfig), `optim`, `train` (engine.py) and `data`
 (PretrainData: token-shard directories with mixing weights and the held-out split).
@@ -11,7 +12,7 @@ import argparse
 import json
 
 from ..config import ModelConfig, Section, load_config
-from .engine import OptimConfig, TrainConfig
+from .engine import OptimConfig, TrainConfig, resume_config
 from .objectives import PretrainData
 
 
@@ -26,7 +27,9 @@ ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/tiny.yaml")
+    parser.add_argument("--config", default=None,
+                        help="YAML preset, e.g. configs/tiny.yaml (with --resume: optional, the run's config.yaml "
+                             "is used, and a given one must match it except the run length)")
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, config.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
@@ -53,7 +56,14 @@ def pretrain(cfg: PretrainConfig, out: str, resume: bool = False, progress: bool
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if args.resume:
+        cfg = resume_config(PretrainConfig, args.out, args.config, args.overrides)
+    elif args.config is None:
+        from ..errors import UserError
+
+        raise UserError("pretrain: --config is required (only --resume reads the run's own config.yaml)")
+    else:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
     summary = pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     import torch.distributed as dist
 

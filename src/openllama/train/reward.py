@@ -25,12 +25,9 @@ from ..data.preference import EncodedPair, collate_pairs
 from ..errors import UserError
 from ..model import Llama, load_model
 from .engine import OptimConfig, TrainConfig
+from .sft import load_start, run_stage, run_template, split_held_out, stage_command
 
 SCORE_FILE = "score.safetensors"
-
-
-class RewardConfig(Section):
-    batch_size: int = 8  # pairs per micro-batch
 
 
 class RewardModel(nn.Module):
@@ -61,18 +58,10 @@ class RewardModel(nn.Module):
         save_score_head(self, directory)
 
     def load_checkpoint(self, directory) -> None:
-        from safetensors.torch import load_file
+        from .checkpoint import load_weights
 
-        from ..model import MODEL_FILE
-
-        state = load_file(str(Path(directory) / MODEL_FILE))
-        if self.cfg.tie_embeddings:
-            state["output.weight"] = state["tok_embeddings.weight"]
-        with torch.no_grad():
-            own = self.model.state_dict()
-            for name, tensor in state.items():
-                own[name].copy_(tensor)
-            self.score.weight.copy_(load_file(str(Path(directory) / SCORE_FILE))["weight"])
+        load_weights(Path(directory).parent, self.model)  # `directory` is a checkpoint's model/
+        load_score_head(self, directory)
 
 
 def save_score_head(model: RewardModel, directory: str | Path) -> None:
@@ -85,14 +74,19 @@ def save_score_head(model: RewardModel, directory: str | Path) -> None:
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def load_reward_model(directory: str | Path, device="cpu") -> RewardModel:
+def load_score_head(model: RewardModel, directory: str | Path) -> None:
     from safetensors.torch import load_file
 
+    with torch.no_grad():
+        model.score.weight.copy_(load_file(str(Path(directory) / SCORE_FILE))["weight"])
+
+
+def load_reward_model(directory: str | Path, device="cpu") -> RewardModel:
     directory = Path(directory)
     if not (directory / SCORE_FILE).is_file():
         raise UserError(f"{directory}: not a reward model (no {SCORE_FILE}); train one with `openllama reward`")
     rm = RewardModel(load_model(directory))
-    rm.score.weight.data.copy_(load_file(str(directory / SCORE_FILE))["weight"])
+    load_score_head(rm, directory)
     return rm.to(device).eval()
 
 
@@ -103,12 +97,13 @@ def bradley_terry(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> tuple[tor
 
 
 class RewardObjective:
-    def __init__(self, train: list[EncodedPair], held_out: list[EncodedPair], cfg: RewardConfig, pad_id: int,
+    def __init__(self, train: list[EncodedPair], held_out: list[EncodedPair], micro_batch_size: int, pad_id: int,
                  seed: int = 0):
-        self.train, self.held_out, self.cfg, self.pad_id, self.seed = train, held_out, cfg, pad_id, seed
+        self.train, self.held_out, self.pad_id, self.seed = train, held_out, pad_id, seed
+        self.micro_batch_size = micro_batch_size  # pairs per micro-batch
 
     def train_batches(self, rank: int, world: int) -> EpochBatches:
-        return EpochBatches(self.train, self.cfg.batch_size, rank=rank, world=world, seed=self.seed,
+        return EpochBatches(self.train, self.micro_batch_size, rank=rank, world=world, seed=self.seed,
                             collate=lambda pairs: collate_pairs(pairs, self.pad_id))
 
     @staticmethod
@@ -119,11 +114,11 @@ class RewardObjective:
 
     def loss(self, model, batch):
         loss, metrics = bradley_terry(*self._rewards(model, batch))
-        return loss, metrics, int(batch["lengths"].sum())
+        return loss, metrics, int(batch["lengths"].sum())  # the real (unpadded) tokens processed
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        return evaluate_pairs(model, self.held_out, self.pad_id, self.cfg.batch_size) if self.held_out else {}
+        return evaluate_pairs(model, self.held_out, self.pad_id, self.micro_batch_size) if self.held_out else {}
 
 
 @torch.no_grad()
@@ -161,8 +156,6 @@ def read_preference_data(data: PreferenceData, template, tok, max_len: int, seed
     """(train pairs, held-out pairs, report) encoded with the chat template."""
     from ..data.chat import LengthReport, ReadReport
     from ..data.preference import encode_pairs, read_preferences
-    from .sft import split_held_out
-
     if not data.train:
         raise UserError("no training data: pass --data FILE or set data.train=[...]")
     reads = [ReadReport() for _ in data.train]
@@ -188,8 +181,6 @@ class RewardStageConfig(Section):
 
 
 def reward(cfg: RewardStageConfig, out, resume: bool = False, progress: bool = True) -> dict:
-    from .sft import load_start, run_stage, run_template
-
     out = Path(out)
     llama, tok, tok_dir = load_start(cfg.init)
     template, run_tok_dir = run_template(cfg.data.template, tok, tok_dir, out)
@@ -197,26 +188,12 @@ def reward(cfg: RewardStageConfig, out, resume: bool = False, progress: bool = T
     train_pairs, held, report = read_preference_data(cfg.data, template, tok, seq_len, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # the same head init on every rank and every run
     model = RewardModel(llama)
-    objective = RewardObjective(train_pairs, held, RewardConfig(batch_size=cfg.train.micro_batch_size), tok.pad_id,
-                                cfg.train.seed)
+    objective = RewardObjective(train_pairs, held, cfg.train.micro_batch_size, tok.pad_id, cfg.train.seed)
     return run_stage(cfg, model, objective, out, resume, run_tok_dir, progress, report)
 
 
 ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
 
 
-def add_arguments(parser) -> None:
-    from .sft import add_stage_arguments
-
-    add_stage_arguments(parser, "preference file(s): prompt/chosen/rejected JSON lines or Anthropic HH")
-
-
-def run(args) -> int:
-    from .sft import nested, print_summary, stage_config
-
-    flags = nested({"init": args.model, "data.train": [args.data] if args.data else None,
-                    "data.format": args.format, "data.on_error": args.on_error})
-    cfg = stage_config(RewardStageConfig, args, flags)
-    print_summary(reward(cfg, args.out, resume=args.resume, progress=not args.no_progress))
-    return 0
-
+add_arguments, run = stage_command(RewardStageConfig, reward, "preference file(s): prompt/chosen/rejected JSON "
+                                                              "lines or Anthropic HH")

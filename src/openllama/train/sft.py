@@ -10,8 +10,9 @@ attends to another. The loss is the mean cross-entropy over the assistant tokens
 `evaluate` reports it on held-out conversations. With `lora.r > 0` only the adapters train and
 every checkpoint holds the merged weights (exportable as is) plus the adapters (for resume).
 
-The pieces every alignment stage shares live here too: the stage config plumbing (starting model
-+ tokenizer, the run's config.yaml on resume), the template and the held-out split.
+The pieces every alignment stage shares live here too: the subcommand (`stage_command`), the
+config plumbing (starting model + tokenizer; on resume the run's config.yaml, which other
+options must agree with), the template and the held-out split. `train.max_steps` is required.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..data.chat import (IGNORE_INDEX, ChatTemplate, EpochBatches, Example, Leng
                          fit_length, pack, read_conversations)
 from ..errors import UserError
 from .engine import OptimConfig, TrainConfig
+from .logprobs import next_token_targets
 from .lora import LoraConfig, LoraLlama
 
 S = TypeVar("S", bound=Section)
@@ -39,22 +41,52 @@ S = TypeVar("S", bound=Section)
 # Shared by sft / reward / dpo / grpo
 
 
+# Run-control keys a resumed run may change: they decide when to stop, save and log, not what
+# is trained. Everything else given with --resume must agree with RUN/config.yaml.
+RESUME_MAY_CHANGE = frozenset({"train.halt_at_step", "train.save_every", "train.keep_last", "train.log_every",
+                               "train.eval_every", "train.trackers"})
+
+
 def stage_config(cls: type[S], args: argparse.Namespace, flags: dict[str, Any]) -> S:
-    """The stage config: the run's own config.yaml when resuming (so nothing has to be repeated),
-    else --config; then the flags given on the command line, then dotted overrides."""
-    data: dict[str, Any] = {}
+    """The stage config. A fresh run: --config, then the flags, then dotted overrides. With
+    --resume: the run's own config.yaml (nothing has to be repeated); a --config, flag or override
+    given as well must agree with it (except RESUME_MAY_CHANGE), else a one-line UserError.
+    The length is explicit, as for pretraining: train.max_steps is required (train.max_tokens
+    counts packed pretraining tokens, so these stages refuse it)."""
+    requested: dict[str, Any] = read_yaml(args.config) if getattr(args, "config", None) else {}
+    requested = merge(requested, {k: v for k, v in flags.items() if v is not None})
+    requested = merge(requested, parse_overrides(args.overrides or []))
     run_cfg = Path(args.out) / "config.yaml"
-    source = ""
     if getattr(args, "resume", False) and run_cfg.is_file():
-        data, source = read_yaml(run_cfg), str(run_cfg)
-    elif getattr(args, "config", None):
-        data, source = read_yaml(args.config), args.config
-    data = merge(data, {k: v for k, v in flags.items() if v is not None})
-    data = merge(data, parse_overrides(args.overrides or []))
-    data.setdefault("train", {})
-    if "max_steps" not in data["train"] and "max_tokens" not in data["train"]:
-        data["train"]["max_steps"] = 100
-    return build(cls, data, source)
+        saved = build(cls, read_yaml(run_cfg), str(run_cfg))
+        cfg = build(cls, merge(read_yaml(run_cfg), requested), str(run_cfg))
+        _check_resume_agrees(saved, cfg, run_cfg)
+        return cfg
+    train = requested.get("train") or {}
+    if isinstance(train, dict) and train.get("max_tokens") is not None:
+        raise UserError("train.max_tokens is for pretraining (packed tokens per step); this stage takes "
+                        "train.max_steps=N")
+    if not isinstance(train, dict) or train.get("max_steps") is None:
+        raise UserError("no training length: pass train.max_steps=N (or set train.max_steps in --config)")
+    return build(cls, requested, getattr(args, "config", None) or "")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_resume_agrees(saved: Section, cfg: Section, run_cfg: Path) -> None:
+    old, new = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    for key in sorted(old.keys() | new.keys()):
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key):
+            raise UserError(f"--resume: {run_cfg} has {key}={old.get(key)!r} but this command gives "
+                            f"{new.get(key)!r}; drop it to resume, or start a new --out")
 
 
 def nested(flat: dict[str, Any]) -> dict[str, Any]:
@@ -71,15 +103,37 @@ def nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def add_stage_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
+def add_stage_arguments(parser: argparse.ArgumentParser, data_help: str, formats: bool = True) -> None:
     parser.add_argument("--model", help="starting model: a model dir, a checkpoint step dir or a run dir")
     parser.add_argument("--data", help=data_help)
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, config.yaml)")
-    parser.add_argument("--config", help="YAML with the stage's sections (train, optim, data, ...)")
-    parser.add_argument("--format", help="data format (default: detected from the first record)")
+    parser.add_argument("--config", help="YAML with the stage's sections (train, optim, data, ...); "
+                                         "train.max_steps is required (here or as an override)")
+    if formats:
+        parser.add_argument("--format", help="data format (default: detected from the first record)")
     parser.add_argument("--on-error", choices=("raise", "skip"), help="malformed records: stop (default) or skip and count")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in --out with the run's config.yaml "
+                             "(other options must agree with it, except train.halt_at_step / save_every / "
+                             "keep_last / log_every / eval_every / trackers)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+
+
+def stage_command(config_cls: type[Section], stage, data_help: str, formats: bool = True):
+    """(add_arguments, run) of an alignment stage's subcommand: --model/--data/--out/... flags, the
+    config (`stage_config`), `stage(cfg, out, resume=, progress=)`, then a one-line summary."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_stage_arguments(parser, data_help, formats)
+
+    def run(args: argparse.Namespace) -> int:
+        flags = nested({"init": args.model, "data.train": [args.data] if args.data else None,
+                        "data.format": getattr(args, "format", None), "data.on_error": args.on_error})
+        cfg = stage_config(config_cls, args, flags)
+        print_summary(stage(cfg, args.out, resume=args.resume, progress=not args.no_progress))
+        return 0
+
+    return add_arguments, run
 
 
 def load_start(init: str):
@@ -127,30 +181,35 @@ def split_held_out(items: Sequence[Any], fraction: float, seed: int, minimum: in
 
 def run_stage(cfg: Section, model: torch.nn.Module, objective, out: str | Path, resume: bool, tok_dir: Path,
               progress: bool = True, report: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate the starting model (on a fresh run), train on the engine, and write
-    RUN/summary.json with the before/after evaluation and the data report."""
+    """Train on the engine, which evaluates the starting model first (on the device, under the
+    same autocast as later evaluations), and write RUN/summary.json with the before/after
+    evaluation and the data report. A resumed run finds "before" in metrics.jsonl (step 0)."""
     from .engine import train
 
     out = Path(out)
-    summary_path = out / "summary.json"
-    before = None
-    if resume and summary_path.is_file():
-        before = json.loads(summary_path.read_text(encoding="utf-8")).get("before")
-    if before is None and hasattr(objective, "evaluate"):
-        if torch.cuda.is_available() and not cfg.train.cpu:
-            model.to("cuda")
-        model.eval()
-        with torch.no_grad():
-            before = {k: float(v) for k, v in objective.evaluate(model).items()}
-        model.train()
-    result = train(cfg, model, objective, out, resume=resume, tokenizer_dir=tok_dir, progress=progress)
+    result = train(cfg, model, objective, out, resume=resume, tokenizer_dir=tok_dir, progress=progress,
+                   eval_at_start=True)
+    before = result.get("eval_start")
+    if before is None:
+        before = _logged_eval(out / "metrics.jsonl", step=0)
     summary = {"before": before, "after": result.get("eval"), "data": report or {}, **result}
+    summary.pop("eval_start", None)
     if _is_main():
         from .checkpoint import write_text_atomic
 
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(summary_path, json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return summary
+
+
+def _logged_eval(path: Path, step: int) -> dict[str, float] | None:
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("kind") == "eval" and row.get("step") == step:
+            return {k: v for k, v in row.items() if k not in ("kind", "step")}
+    return None
 
 
 def _is_main() -> bool:
@@ -198,9 +257,7 @@ def encode_conversations(convs, template: ChatTemplate, tok, max_len: int, lengt
 def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(mean cross-entropy over labelled next tokens, their count). Labels are aligned with the
     tokens, so the logits at t predict labels at t+1."""
-    labels = batch["labels"]
-    # position t predicts labels[t + 1]; the last position predicts nothing
-    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    targets = next_token_targets(batch["labels"])
     n = int((targets != IGNORE_INDEX).sum())
     # the model's fused output projection + cross-entropy: the (B, T, vocab) logits never exist
     loss = model(batch["tokens"], doc_ids=batch.get("doc_ids"), targets=targets, ignore_index=IGNORE_INDEX,
@@ -226,7 +283,8 @@ class SFTObjective:
 
     def loss(self, model, batch):
         loss, n = sft_loss(model, batch)
-        return loss, {"reply_tokens": float(n)}, int(batch["tokens"].numel())
+        # tokens the model processed: the packed rows' real tokens, padding left out
+        return loss, {"reply_tokens": float(n)}, int((batch["tokens"] != self.pad_id).sum())
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
@@ -281,14 +339,5 @@ def sft(cfg: SFTConfig, out: str | Path, resume: bool = False, progress: bool = 
 ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_stage_arguments(parser, "chat data file(s): alpaca / BELLE / ShareGPT / messages / prompt-completion, "
-                                "JSON array or JSON lines")
-
-
-def run(args: argparse.Namespace) -> int:
-    flags = nested({"init": args.model, "data.train": [args.data] if args.data else None,
-                    "data.format": args.format, "data.on_error": args.on_error})
-    cfg = stage_config(SFTConfig, args, flags)
-    print_summary(sft(cfg, args.out, resume=args.resume, progress=not args.no_progress))
-    return 0
+add_arguments, run = stage_command(SFTConfig, sft, "chat data file(s): alpaca / BELLE / ShareGPT / messages / "
+                                                    "prompt-completion, JSON array or JSON lines")
