@@ -32,7 +32,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt
 from .distributed import (all_reduce_sum, check_launch, check_world, deepspeed_plugin, load_optimizer_state, scalar,
                           shard_model)
-from .metrics import MetricsLog, SpikeDetector, Throughput, peak_flops, truncate_metrics
+from .metrics import MetricsLog, SpikeDetector, Throughput, measure_cpu_matmul_peak, peak_flops, truncate_metrics
 from .schedule import lr_multiplier
 
 # ----------------------------------------------------------------------------------------------
@@ -437,6 +437,10 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
             seconds = time.perf_counter() - t0
             tok_s = speed.update(seconds, step_tokens)
             mfu = tok_s * flops_tok / (peak * world) if (flops_tok and peak) else None
+            if mfu is not None and mfu > 1 and device.type == "cpu":
+                # the CPU peak was measured while something else loaded the machine: measure again
+                peak = max(peak, measure_cpu_matmul_peak(refresh=True))
+                mfu = tok_s * flops_tok / (peak * world)
             spike = finite and spikes.update(loss_value)
             record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
                       "tokens": step_tokens, "tokens_seen": tokens_seen, "tokens_per_s": tok_s, "mfu": mfu,
@@ -448,8 +452,8 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
             log.write(record)
             if bar is not None:
                 bar.update(1)
-                if spike or not finite:
-                    bar.write(f"step {step}: {'non-finite loss/grad, update skipped' if not finite else 'loss spike'}"
+                if not finite:  # spikes are only recorded (metrics.jsonl): on mixed data they are common
+                    bar.write(f"step {step}: non-finite loss/grad, update skipped"
                               f" (loss {loss_value:.4g}, grad norm {grad_norm_value:.4g})")
                 if step % tc.log_every == 0 or step == halt:
                     post = {"loss": f"{loss_value:.4f}", "tok/s": f"{tok_s:,.0f}"}
