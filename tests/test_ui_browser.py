@@ -71,6 +71,9 @@ def test_chat_page_streams_a_reply(tmp_path):
                     deadline_ms -= 100
                 page.wait_for_timeout(500)  # the last update reaches the page
                 reply = bot.inner_text().strip()
+                # measured the way the observer measures (JS trim, not Python's strip)
+                final_length = page.evaluate(
+                    """() => document.querySelector('[data-testid="bot"]').innerText.trim().length""")
                 lengths = [n for n in page.evaluate("window.__lengths") if n > 0]
                 page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
             finally:
@@ -79,5 +82,7 @@ def test_chat_page_streams_a_reply(tmp_path):
     assert engine.stats["completed"] == 1 and engine.stats["failed"] == 0
     assert len(reply) > 20
     assert len(set(lengths)) >= 2, f"the reply arrived in one piece, not streamed: {lengths}"
-    assert max(lengths) == len(reply)
+    # the page ends showing the whole reply (a random model's bytes may briefly render as a
+    # replacement character that the next piece completes, so compare the last state, not the max)
+    assert lengths[-1] == final_length
     assert (tmp_path / "chat.png").stat().st_size > 10_000
