@@ -19,6 +19,18 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (opt in with `pytestmark = pytest.mark.usefixtures(...)`):
+    tiny models on a shared 2-core machine run far slower with two spin-waiting OpenMP threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data with the real third-party files; tests skip with a reason where it is absent."""

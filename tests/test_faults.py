@@ -83,12 +83,7 @@ def test_every_fault_has_a_test_and_a_row_in_the_docs():
         assert function in doc, f"docs/reliability.md does not mention {function} ({fault})"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- SIGKILL while saving -------------------------------------------------------------------------
