@@ -102,6 +102,17 @@ def _add_stage_arguments(parser: argparse.ArgumentParser, module: str) -> None:
     mod.add_arguments(parser)
 
 
+def _close_process_group() -> None:
+    """End of a command launched with several processes: leave the process group together and tear
+    it down before the interpreter exits. Left to interpreter shutdown, a communication thread can
+    still be running when its owner is destroyed, which aborts a rank that had finished (seen with
+    DeepSpeed's shared-memory ops on CPU)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -113,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unrecognised argument(s): {' '.join(rest)} (see openllama {args.command} --help)")
         args.overrides = _split_overrides(rest)
         code = module.run(args)
+        _close_process_group()
         return int(code or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
