@@ -11,10 +11,8 @@ import sys
 
 import pytest
 import torch
-import yaml
-from test_distributed import HALF, STEPS, TORCHRUN, assert_same_trajectory, branch_at, event, pretrain, train_records, weights
-from test_engine import learnable_docs, tiny_config
-from test_packing import write_token_shards
+from test_distributed import (HALF, STEPS, TORCHRUN, assert_same_trajectory, branch_at, event, pretrain,
+                              tied_run_config, train_records, weights)
 
 from openllama.errors import UserError
 from openllama.model import load_model
@@ -47,11 +45,7 @@ def runs(tmp_path_factory):
     for the way `accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml` does (environment,
     train.strategy auto). 10 steps each, checkpoints at 5 and 10, tied embeddings."""
     root = tmp_path_factory.mktemp("ds")
-    tokens = write_token_shards(root / "tokens", learnable_docs(300), vocab_size=64)
-    cfg = tiny_config(tokens, max_steps=STEPS, save_every=HALF, eval_every=HALF, keep_last=5)
-    cfg["model"]["tie_embeddings"] = True
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = tied_run_config(root)
     pretrain(config, root / "one", [sys.executable], "train.grad_accum_steps=2")
     pretrain(config, root / "zero1", TORCHRUN, "train.strategy=deepspeed", env=CPU_DS)
     pretrain(config, root / "zero2", TORCHRUN, env={**CPU_DS, "ACCELERATE_USE_DEEPSPEED": "true",

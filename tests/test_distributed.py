@@ -71,16 +71,23 @@ def event(run: Path, kind: str) -> dict:
     return [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == kind][-1]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One process with 2 accumulation steps, and FSDP2 over 2 ranks: 10 steps each, checkpoints at
-    5 and 10. Tied embeddings on, so the shared embedding/output weight is sharded once."""
-    root = tmp_path_factory.mktemp("dist")
+def tied_run_config(root: Path) -> Path:
+    """Token shards and a config for the multi-process comparisons: the tiny model with tied
+    embeddings, STEPS steps, checkpoints and evaluations every HALF."""
     tokens = write_token_shards(root / "tokens", learnable_docs(300), vocab_size=64)
     cfg = tiny_config(tokens, max_steps=STEPS, save_every=HALF, eval_every=HALF, keep_last=5)
     cfg["model"]["tie_embeddings"] = True
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process with 2 accumulation steps, and FSDP2 over 2 ranks: 10 steps each, checkpoints at
+    5 and 10. Tied embeddings on, so the shared embedding/output weight is sharded once."""
+    root = tmp_path_factory.mktemp("dist")
+    config = tied_run_config(root)
     pretrain(config, root / "one", [sys.executable], "train.grad_accum_steps=2")
     pretrain(config, root / "fsdp2", TORCHRUN, "train.strategy=fsdp2")
     return root, config

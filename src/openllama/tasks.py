@@ -11,7 +11,6 @@ Wilson score interval, which stays inside [0, 1] and behaves at 0% and 100%, unl
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,24 +75,20 @@ def clearly_better(a: Accuracy, b: Accuracy) -> bool:
 
 def load_tasks(path: str | Path) -> list[dict]:
     """Read a task file; a malformed line is a UserError naming the file and line."""
+    from .data.chat import iter_json_records
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such task file")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    for where, row in iter_json_records(path):
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
                 or msgs[-1].get("role") != "assistant":
-            raise UserError(f"{path}:{lineno}: key 'messages' must be a conversation ending with the "
+            raise UserError(f"{path}: {where}: key 'messages' must be a conversation ending with the "
                             f"assistant's reference answer")
         if not isinstance(row.get("answer", msgs[-1].get("content")), str):
-            raise UserError(f"{path}:{lineno}: key 'answer' must be a string")
+            raise UserError(f"{path}: {where}: key 'answer' must be a string")
         row.setdefault("answer", msgs[-1]["content"])
         out.append(row)
     if not out:
@@ -163,7 +158,7 @@ def reply_loss(model, tokenizer, tasks: Sequence[dict], *, template: str | None 
     format (loss on the final reply and its end-of-sequence token only), and the tokens counted."""
     import torch
 
-    from .data.chat import IGNORE_INDEX, ChatTemplate
+    from .data.chat import IGNORE_INDEX, ChatTemplate, pad_examples
     from .train.logprobs import token_logprobs
 
     tpl = ChatTemplate.for_tokenizer(tokenizer, template)
@@ -175,12 +170,7 @@ def reply_loss(model, tokenizer, tasks: Sequence[dict], *, template: str | None 
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            T = max(len(e) for e in chunk)
-            tokens = torch.full((len(chunk), T), pad, dtype=torch.long)
-            labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
-            for j, e in enumerate(chunk):
-                tokens[j, :len(e)] = torch.tensor(e.ids)
-                labels[j, :len(e)] = torch.tensor(e.labels)
+            tokens, labels = pad_examples(chunk, pad)
             total -= float(token_logprobs(model, tokens, labels).sum())
             count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     model.train(was_training)

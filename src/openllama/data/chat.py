@@ -481,6 +481,19 @@ def fit_length(example: Example, max_len: int, report: LengthReport | None = Non
     return Example(example.ids[:cut], example.labels[:cut], fitting)
 
 
+def pad_examples(examples: Sequence[Example], pad_id: int):
+    """tokens and labels (B, T) of examples right-padded to the longest (labels IGNORE_INDEX there)."""
+    import torch
+
+    T = max(len(e) for e in examples)
+    tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        tokens[i, :len(e)] = torch.tensor(e.ids)
+        labels[i, :len(e)] = torch.tensor(e.labels)
+    return tokens, labels
+
+
 @dataclass
 class PackedRow:
     ids: list[int]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UserError
-from .chat import (IGNORE_INDEX, ROLES, ChatTemplate, Example, LengthReport, ReadReport, RecordError,
+from .chat import (ROLES, ChatTemplate, Example, LengthReport, ReadReport, RecordError, pad_examples,
                    read_records, split_turns)
 
 
@@ -164,11 +164,6 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, Any]:
     import torch
 
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    T = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(r.ids)
-        labels[i, :len(r)] = torch.tensor(r.labels)
+    tokens, labels = pad_examples(rows, pad_id)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     return {"tokens": tokens, "labels": labels, "lengths": lengths}

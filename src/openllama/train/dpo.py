@@ -25,8 +25,8 @@ from ..data.preference import EncodedPair, collate_pairs
 from .engine import OptimConfig, TrainConfig
 from .logprobs import sequence_logprobs
 from .lora import LoraConfig, LoraLlama
-from .reward import PreferenceData, read_preference_data
-from .sft import load_start, run_stage, run_template, stage_command
+from .reward import PreferenceData, start_preference_stage
+from .sft import run_stage, stage_command
 
 
 class DPOConfig(Section):
@@ -161,10 +161,7 @@ class DPOStageConfig(Section):
 
 def dpo(cfg: DPOStageConfig, out, resume: bool = False, progress: bool = True) -> dict:
     out = Path(out)
-    model, tok, tok_dir = load_start(cfg.init)
-    template, run_tok_dir = run_template(cfg.data.template, tok, tok_dir, out)
-    seq_len = min(cfg.train.seq_len, model.cfg.max_seq_len)
-    train_pairs, held, report = read_preference_data(cfg.data, template, tok, seq_len, cfg.train.seed)
+    model, tok, run_tok_dir, train_pairs, held, report = start_preference_stage(cfg, out)
     objective = DPOObjective(train_pairs, held, model, cfg.dpo, tok.pad_id, cfg.train.micro_batch_size,
                              cfg.train.seed)
     if cfg.lora.enabled:

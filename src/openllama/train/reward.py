@@ -180,12 +180,19 @@ class RewardStageConfig(Section):
     optim: OptimConfig = OptimConfig(lr=1e-4, weight_decay=0.0)
 
 
+def start_preference_stage(cfg, out: Path):
+    """What reward and DPO both begin with: the starting model and tokenizer, the run's chat template
+    and tokenizer dir, and the encoded pairs. -> (model, tokenizer, run_tok_dir, train, held, report)"""
+    model, tok, tok_dir = load_start(cfg.init)
+    template, run_tok_dir = run_template(cfg.data.template, tok, tok_dir, out)
+    seq_len = min(cfg.train.seq_len, model.cfg.max_seq_len)
+    train_pairs, held, report = read_preference_data(cfg.data, template, tok, seq_len, cfg.train.seed)
+    return model, tok, run_tok_dir, train_pairs, held, report
+
+
 def reward(cfg: RewardStageConfig, out, resume: bool = False, progress: bool = True) -> dict:
     out = Path(out)
-    llama, tok, tok_dir = load_start(cfg.init)
-    template, run_tok_dir = run_template(cfg.data.template, tok, tok_dir, out)
-    seq_len = min(cfg.train.seq_len, llama.cfg.max_seq_len)
-    train_pairs, held, report = read_preference_data(cfg.data, template, tok, seq_len, cfg.train.seed)
+    llama, tok, run_tok_dir, train_pairs, held, report = start_preference_stage(cfg, out)
     torch.manual_seed(cfg.train.seed)  # the same head init on every rank and every run
     model = RewardModel(llama)
     objective = RewardObjective(train_pairs, held, cfg.train.micro_batch_size, tok.pad_id, cfg.train.seed)
