@@ -196,7 +196,7 @@ def test_load_tasks_names_the_bad_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
                     '{"messages": [{"role": "user", "content": "q"}]}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"t\.jsonl: line 2: key 'messages'"):
+    with pytest.raises(UserError, match=r"t\.jsonl:2: key 'messages'"):
         load_tasks(path)
     path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
     assert load_tasks(path)[0]["answer"] == "a"

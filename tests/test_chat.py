@@ -3,15 +3,19 @@ transformers' apply_chat_template, the reply-only loss mask, truncation, packing
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
 import torch
+import zstandard
 
 from alignment_helpers import make_start, write_jsonl
-from openllama.data.chat import (CHATML_CHAT_TEMPLATE, IGNORE_INDEX, ChatTemplate, EpochBatches, Example,
-                                 LengthReport, ReadReport, collate_rows, fit_length, pack, read_conversations)
+from openllama.chat_template import CHATML_CHAT_TEMPLATE, ChatTemplate, Example
+from openllama.data.chat import (EpochBatches, LengthReport, ReadReport, collate_rows, fit_length, pack,
+                                 read_conversations)
 from openllama.errors import UserError
+from openllama.labels import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
@@ -93,25 +97,83 @@ def test_malformed_records_error_or_skip(tmp_path):
         {"instruction": "a", "input": "", "output": 3},
         {"instruction": "c", "input": "", "output": "d"},
     ])
-    with pytest.raises(UserError, match=r"bad\.jsonl: line 2: key 'output' must be a string.*instruction, output"):
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: key 'output' must be a string.*instruction, output"):
         read_conversations(bad)
     report = ReadReport()
     assert len(read_conversations(bad, on_error="skip", report=report)) == 2
-    assert len(report.skipped) == 1 and "line 2" in report.skipped[0]
+    assert len(report.skipped) == 1 and report.skipped[0].startswith(f"{bad}:2: ")
+    assert report.to_json() == {"format": "alpaca", "records": 3, "used": 2, "skipped": 1,
+                                "skipped_by_reason": {"malformed": 1}}
 
     unknown = write_jsonl(tmp_path / "u.jsonl", [{"text": "hello"}])
-    with pytest.raises(UserError, match=r"u\.jsonl: line 1: cannot tell the chat format from keys \['text'\]"):
+    with pytest.raises(UserError, match=r"u\.jsonl:1: cannot tell the chat format from keys \['text'\]"):
         read_conversations(unknown)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "p", "completion": "c"}\n{not json\n')
-    with pytest.raises(UserError, match=r"broken\.jsonl:2: invalid JSON"):
+    with pytest.raises(UserError, match=r"broken\.jsonl:2: not valid JSON"):
         read_conversations(broken)
     with pytest.raises(UserError, match="unknown chat format 'nope'"):
         read_conversations(bad, "nope")
     share = tmp_path / "s.json"
     share.write_text(json.dumps([{"conversations": [{"from": "robot", "value": "x"}]}]))
-    with pytest.raises(UserError, match=r"s\.json: record 0: conversations\[0\] must be \{from: human\|gpt\|system"):
+    with pytest.raises(UserError, match=r"s\.json: array index 0: conversations\[0\] must be \{from: human\|gpt\|system"):
         read_conversations(share)
+
+
+def _compressed_copies(tmp_path, stem: str, rows: list) -> list:
+    """The same records as plain JSON lines, .jsonl.gz, .jsonl.zst and a JSON array in .json.gz."""
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    out = {f"{stem}.jsonl": lines, f"{stem}.jsonl.gz": gzip.compress(lines),
+           f"{stem}.jsonl.zst": zstandard.ZstdCompressor().compress(lines),
+           f"{stem}.json.gz": gzip.compress(json.dumps(rows, ensure_ascii=False, indent=1).encode("utf-8"))}
+    for name, data in out.items():
+        (tmp_path / name).write_bytes(data)
+    return [tmp_path / name for name in out]
+
+
+def _read_prompt_records(path):  # as train/grpo.py reads prompt files: one given format, no detection
+    from openllama.data.chat import read_records
+
+    return [record for _, record, _ in read_records(path, "rl", "prompt", lambda record: None, "raise", ReadReport())]
+
+
+def _pair_fields(path):
+    from openllama.data.preference import read_preferences
+
+    return [(p.prompt, p.chosen, p.rejected) for p in read_preferences(path)]
+
+
+def _conversation_messages(path):
+    return [c.messages for c in read_conversations(path)]
+
+
+def _task_rows(path):
+    from openllama.tasks import load_tasks
+
+    return load_tasks(path)
+
+
+TASK = {"messages": [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}], "family": "add"}
+KINDS = {
+    "chat": (_conversation_messages, [{"instruction": f"说 {i}", "input": "", "output": f"好 {i}"} for i in range(5)]),
+    "preference": (_pair_fields, [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(5)]),
+    "task": (_task_rows, [dict(TASK, answer=str(i)) for i in range(5)]),
+    "prompt": (_read_prompt_records, [{"prompt": f"say {i}", "answer": str(i)} for i in range(5)]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_compressed_files_read_like_plain_ones(tmp_path, kind):
+    read, rows = KINDS[kind]
+    plain, *compressed = _compressed_copies(tmp_path, kind, rows)
+    expected = read(plain)
+    assert len(expected) == len(rows)
+    for path in compressed:
+        assert read(path) == expected, path.name
+    lines = [json.dumps(r).encode() for r in rows[:2]] + [b'{"broken": ']
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    with pytest.raises(UserError, match=r"bad\.jsonl\.gz:3: not valid JSON"):
+        read(tmp_path / "bad.jsonl.gz")
 
 
 # ---------------------------------------------------------------------------- template, labels, HF equality

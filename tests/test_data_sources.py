@@ -10,11 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from openllama import records
 from openllama.data import sources
 from openllama.data.clean import (CleanConfig, content_hash, drop_reason, dup_line_fraction, normalise,
                                   normalise_utf8)
-from openllama.data.sources import BadRecord, Document, iter_documents, read_records, resolve_format
+from openllama.data.sources import Document, iter_documents, read_records, resolve_format
 from openllama.errors import UserError
+from openllama.records import BadRecord, json_records
 
 PILE = [{"text": f"pile doc {i}\nsecond line", "meta": {"pile_set_name": ["Pile-CC", "Github"][i % 2]}} for i in range(5)]
 WUDAO = [{"id": i, "dataType": "百科", "title": f"标题{i}", "content": f"内容，第{i}篇。"} for i in range(7)]
@@ -40,7 +42,7 @@ def test_pile_jsonl_in_every_compression(tmp_path, suffix):
 def test_wudao_array_is_streamed_across_chunk_boundaries(tmp_path, monkeypatch):
     path = tmp_path / "part-1.json"
     path.write_text(json.dumps(WUDAO, ensure_ascii=False, indent=2), encoding="utf-8")
-    monkeypatch.setattr(sources, "_CHUNK", 5)  # every element and many UTF-8 characters straddle chunks
+    monkeypatch.setattr(records, "_CHUNK", 5)  # every element and many UTF-8 characters straddle chunks
     assert resolve_format(str(path)) == "wudao"
     docs = list(iter_documents(str(path)))
     assert [d.text for d in docs] == [f"{r['title']}\n{r['content']}" for r in WUDAO]
@@ -88,6 +90,30 @@ def test_truncated_zst_and_empty_file_are_errors(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(UserError, match=r"empty\.jsonl: empty file"):
         list(iter_documents(str(empty), "jsonl"))
+
+
+def test_json_records_reads_every_compression_and_names_what_it_cannot_read(tmp_path):
+    rows = [{"i": i, "text": f"记录 {i}"} for i in range(300)]
+    lines = _jsonl(rows)
+    files = {"a.jsonl": lines, "a.jsonl.gz": gzip.compress(lines), "a.jsonl.zst": zstandard.ZstdCompressor().compress(lines),
+             "a.json.gz": gzip.compress(json.dumps(rows).encode()), "bom.jsonl": b"\xef\xbb\xbf" + lines}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        got = list(json_records(tmp_path / name))
+        assert [obj for _, obj in got] == rows, name
+        where = f"{tmp_path / name}: array index 4" if name.endswith(".json.gz") else f"{tmp_path / name}:5"
+        assert got[4][0] == where
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"i": 0}\n\n{"i": \xff}\n'))
+    with pytest.raises(UserError, match=r"bad\.jsonl\.gz:3: invalid UTF-8"):
+        list(json_records(tmp_path / "bad.jsonl.gz"))
+    cut = zstandard.ZstdCompressor().compress(_jsonl(rows * 200))
+    (tmp_path / "cut.jsonl.zst").write_bytes(cut[: len(cut) // 2])
+    whole_lines = zstandard.ZstdDecompressor().decompressobj().decompress(cut[: len(cut) // 2]).count(b"\n")
+    # named: the first line that could not be read whole
+    with pytest.raises(UserError, match=rf"cut\.jsonl\.zst:{whole_lines + 1}: cannot read compressed input: truncated"):
+        list(json_records(tmp_path / "cut.jsonl.zst"))
+    with pytest.raises(UserError, match=r"nowhere\.jsonl: no such file"):
+        list(json_records(tmp_path / "nowhere.jsonl"))
 
 
 def test_format_detection_asks_for_a_field_when_unsure(shared_data):

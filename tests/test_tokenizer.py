@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -163,7 +164,7 @@ def test_special_tokens(tok, hf):
 
 
 def test_transformers_renders_the_default_chat_template(tok, hf):
-    from openllama.data.chat import DEFAULT_CHAT_TEMPLATE
+    from openllama.chat_template import DEFAULT_CHAT_TEMPLATE
 
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE == hf.chat_template
     messages = [
@@ -238,10 +239,10 @@ def test_reads_shard_directories_and_names_bad_input(tmp_path):
 
     whole = (shards / "b.jsonl.zst").read_bytes()
     (tmp_path / "cut.jsonl.zst").write_bytes(whole[: len(whole) - 6])
-    with pytest.raises(UserError, match=r"cut\.jsonl\.zst: truncated zstd"):
+    with pytest.raises(UserError, match=r"cut\.jsonl\.zst:\d+: cannot read compressed input: truncated zstd"):
         list(read_documents(tmp_path / "cut.jsonl.zst"))
     _write_zst_lines(tmp_path / "bad.jsonl.zst", [b'{"text": "ok"}', b'{"text": oops}'])
-    with pytest.raises(UserError, match=r"bad\.jsonl\.zst:2: invalid JSON"):
+    with pytest.raises(UserError, match=r"bad\.jsonl\.zst:2: not valid JSON"):
         list(read_documents(tmp_path / "bad.jsonl.zst"))
     (tmp_path / "nokey.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(UserError, match=r"nokey\.jsonl:1: no text field 'text'.*body"):
@@ -256,6 +257,15 @@ def test_reads_shard_directories_and_names_bad_input(tmp_path):
     assert list(read_documents(tmp_path / "array.json", ("instruction", "output"))) == ["a\nb", "c"]
     (tmp_path / "plain.txt").write_text("para one\nline two\n\n\npara two\n")
     assert list(read_documents(tmp_path / "plain.txt")) == ["para one\nline two\n", "para two\n"]
+    # compressed text and a compressed JSON array go through the same readers
+    (tmp_path / "plain.txt.gz").write_bytes(gzip.compress((tmp_path / "plain.txt").read_bytes()))
+    assert list(read_documents(tmp_path / "plain.txt.gz")) == ["para one\nline two\n", "para two\n"]
+    (tmp_path / "array.json.gz").write_bytes(gzip.compress((tmp_path / "array.json").read_bytes()))
+    assert list(read_documents(tmp_path / "array.json.gz", ("instruction", "output"))) == ["a\nb", "c"]
+    text = zstandard.ZstdCompressor().compress(b"line\n" * 50_000)
+    (tmp_path / "cut.txt.zst").write_bytes(text[: len(text) // 2])
+    with pytest.raises(UserError, match=r"cut\.txt\.zst:\d+: cannot read compressed input: truncated zstd"):
+        list(read_documents(tmp_path / "cut.txt.zst"))
 
 
 def test_vocab_size_errors_give_advice(tmp_path):

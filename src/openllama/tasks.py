@@ -74,21 +74,19 @@ def clearly_better(a: Accuracy, b: Accuracy) -> bool:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    """Read a task file; a malformed line is a UserError naming the file and line."""
-    from .data.chat import iter_json_records
+    """Read a task file (JSON lines or a JSON array, plain, .gz or .zst); a malformed record is a
+    UserError naming the file and line."""
+    from .records import json_records
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such task file")
     out = []
-    for where, row in iter_json_records(path):
+    for where, row in json_records(path):
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
                 or msgs[-1].get("role") != "assistant":
-            raise UserError(f"{path}: {where}: key 'messages' must be a conversation ending with the "
+            raise UserError(f"{where}: key 'messages' must be a conversation ending with the "
                             f"assistant's reference answer")
         if not isinstance(row.get("answer", msgs[-1].get("content")), str):
-            raise UserError(f"{path}: {where}: key 'answer' must be a string")
+            raise UserError(f"{where}: key 'answer' must be a string")
         row.setdefault("answer", msgs[-1]["content"])
         out.append(row)
     if not out:
@@ -138,7 +136,7 @@ def chat_answerer(model, tokenizer, *, max_new_tokens: int = 16, template: str |
     """Replies of a model in the chat format. Prompts are `ChatTemplate.generation_ids`: the
     conversation + generation prompt minus trailing whitespace tokens, which training counts as
     the start of the reply (as serve and GRPO build them)."""
-    from .data.chat import ChatTemplate
+    from .chat_template import ChatTemplate
     from .generate import Generator, SamplingParams
 
     tpl = ChatTemplate.for_tokenizer(tokenizer, template)
@@ -158,8 +156,9 @@ def reply_loss(model, tokenizer, tasks: Sequence[dict], *, template: str | None 
     format (loss on the final reply and its end-of-sequence token only), and the tokens counted."""
     import torch
 
-    from .data.chat import IGNORE_INDEX, ChatTemplate, pad_examples
-    from .train.logprobs import token_logprobs
+    from .chat_template import ChatTemplate
+    from .data.chat import pad_examples
+    from .labels import IGNORE_INDEX, token_logprobs
 
     tpl = ChatTemplate.for_tokenizer(tokenizer, template)
     examples = [tpl.encode(t["messages"], tokenizer, only_last=True) for t in tasks]

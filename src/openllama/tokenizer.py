@@ -20,7 +20,6 @@ to escape spaces, so it decodes as a space). No unknown ids: unseen characters b
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import heapq
 import io
@@ -32,7 +31,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from .atomic import write_bytes_atomic
+from .chat_template import DEFAULT_CHAT_TEMPLATE
 from .errors import UserError
+from .records import READ_ERRORS, json_records, open_binary, strip_compression
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # what travels with a model (checkpoints, runs, HF import/export): our files plus transformers 5's chat template
@@ -91,56 +93,6 @@ def copy_tokenizer_files(src: str | Path | None, dst: str | Path) -> list[str]:
 # ---------------------------------------------------------------- reading training text
 
 
-def _zstd_bytes(path: Path) -> Iterator[bytes]:
-    """Decompressed chunks of a (multi-frame) .zst file; a truncated file is an error, not an early end."""
-    import zstandard
-
-    dctx = zstandard.ZstdDecompressor()
-    obj, fed = dctx.decompressobj(), False
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            while chunk:
-                try:
-                    out = obj.decompress(chunk)
-                except zstandard.ZstdError as exc:
-                    raise UserError(f"{path}: not a valid zstd file ({exc})") from None
-                fed = True
-                if out:
-                    yield out
-                if obj.eof:  # a frame ended: the rest of the chunk starts the next one
-                    chunk, obj, fed = obj.unused_data, dctx.decompressobj(), False
-                else:
-                    chunk = b""
-    if fed and not obj.eof:
-        raise UserError(f"{path}: truncated zstd file (the last frame does not end)")
-
-
-def _binary_lines(path: Path) -> Iterator[bytes]:
-    if path.name.endswith(".zst"):
-        pending = b""
-        for chunk in _zstd_bytes(path):
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            yield from (line + b"\n" for line in lines)
-        if pending:
-            yield pending
-    else:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        try:
-            with opener(path, "rb") as f:
-                yield from f
-        except (OSError, EOFError) as exc:
-            raise UserError(f"{path}: cannot read ({exc})") from None
-
-
-def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    for lineno, raw in enumerate(_binary_lines(path), 1):
-        try:
-            yield lineno, raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
-
-
 def _record_text(record: Any, text_keys: Sequence[str], where: str) -> str:
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -154,16 +106,9 @@ def _record_text(record: Any, text_keys: Sequence[str], where: str) -> str:
     return "\n".join(parts)
 
 
-def _is_json(path: Path) -> bool:
-    name = path.name
-    for suffix in (".zst", ".gz"):
-        name = name.removesuffix(suffix)
-    return name.endswith((".jsonl", ".json"))
-
-
 def read_documents(path: str | Path, text_keys: Sequence[str] = ("text",)) -> Iterator[str]:
-    """Documents from one input: a directory of `*.jsonl.zst` shards, JSON lines (plain, .gz or
-    .zst; `text_keys` joined by newlines), a JSON array file, or plain text (one document per
+    """Documents from one input: a directory of `*.jsonl.zst` shards, JSON lines or one JSON array
+    (plain, .gz or .zst; `text_keys` joined by newlines), or plain text (one document per
     paragraph, paragraphs being separated by blank lines). Streams; errors name file and line."""
     path = Path(path)
     if path.is_dir():
@@ -177,37 +122,35 @@ def read_documents(path: str | Path, text_keys: Sequence[str] = ("text",)) -> It
         raise UserError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file")
-    if _is_json(path):
-        lines = _text_lines(path)
-        for lineno, line in lines:
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("["):  # a JSON array file (small by nature): parse it whole
-                rest = line + "".join(text for _, text in lines)
-                try:
-                    records = json.loads(rest)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}: invalid JSON array ({exc.msg} at line {lineno + exc.lineno - 1})") from None
-                for i, record in enumerate(records):
-                    yield _record_text(record, text_keys, f"{path}: item {i}")
-                return
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            yield _record_text(record, text_keys, f"{path}:{lineno}")
-        return
+    if strip_compression(path.name).lower().endswith((".jsonl", ".json")):
+        for where, record in json_records(path):
+            yield _record_text(record, text_keys, where)
+    else:
+        yield from _paragraphs(path)
+
+
+def _paragraphs(path: Path) -> Iterator[str]:
+    """Paragraphs of a plain-text file (plain, .gz or .zst), cut at 64 KiB so one huge paragraph
+    never sits whole in memory."""
     paragraph: list[str] = []
-    size = 0
-    for _, line in _text_lines(path):
-        if line.strip():
-            paragraph.append(line)
-            size += len(line)
-            if size < 1 << 16:
-                continue
-        if paragraph:
-            yield "".join(paragraph)
-            paragraph, size = [], 0
+    size = lineno = 0
+    try:
+        with open_binary(path) as stream:
+            for lineno, raw in enumerate(stream, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                if line.strip():
+                    paragraph.append(line)
+                    size += len(line)
+                    if size < 1 << 16:
+                        continue
+                if paragraph:
+                    yield "".join(paragraph)
+                    paragraph, size = [], 0
+    except READ_ERRORS as exc:  # the line after the last whole one is where the input broke off
+        raise UserError(f"{path}:{lineno + 1}: cannot read compressed input: {exc}") from None
     if paragraph:
         yield "".join(paragraph)
 
@@ -290,12 +233,6 @@ def build_hf_tokenizer(model_bytes: bytes):
     return tok
 
 
-def _default_chat_template() -> str:
-    from .data.chat import DEFAULT_CHAT_TEMPLATE
-
-    return DEFAULT_CHAT_TEMPLATE
-
-
 # ---------------------------------------------------------------- the tokenizer
 
 
@@ -316,7 +253,7 @@ class Tokenizer:
         self._hf = HFTokenizer.from_str(hf_json.decode("utf-8"))
         self._hf_plain = HFTokenizer.from_str(hf_json.decode("utf-8"))
         self._hf_plain.encode_special_tokens = True  # special-token text encodes as plain text
-        self.chat_template = chat_template if chat_template is not None else _default_chat_template()
+        self.chat_template = chat_template if chat_template is not None else DEFAULT_CHAT_TEMPLATE
         self.model_max_length = model_max_length
         self.directory = Path(directory) if directory is not None else None
         self._hf_tokenizer = None
@@ -383,10 +320,10 @@ class Tokenizer:
             "model_max_length": self.model_max_length,
             "chat_template": chat_template if chat_template is not None else self.chat_template,
         }
-        _write_atomic(directory / "tokenizer.model", self._model_bytes)
-        _write_atomic(directory / "tokenizer.json", self._hf_json)
-        _write_atomic(directory / "tokenizer_config.json", _json_bytes(config))
-        _write_atomic(directory / "special_tokens_map.json", _json_bytes(special_map))
+        write_bytes_atomic(directory / "tokenizer.model", self._model_bytes)
+        write_bytes_atomic(directory / "tokenizer.json", self._hf_json)
+        write_bytes_atomic(directory / "tokenizer_config.json", _json_bytes(config))
+        write_bytes_atomic(directory / "special_tokens_map.json", _json_bytes(special_map))
         return directory
 
     def hf(self):
@@ -467,12 +404,6 @@ def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -545,7 +476,7 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike], out_dir: str | Path, vo
         "special_tokens": {t: tok.token_to_id(t) for t in tok.special_tokens},
         "options": {k: v for k, v in options.items() if k not in ("num_threads", "minloglevel")},
     }
-    _write_atomic(out_dir / "training_report.json", _json_bytes(report))
+    write_bytes_atomic(out_dir / "training_report.json", _json_bytes(report))
     tok.training_report = report
     return tok
 

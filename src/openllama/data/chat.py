@@ -1,16 +1,16 @@
 """Instruction and chat data: formats -> conversations -> token ids with a loss mask on replies.
 
-The default chat template is the seed project's: `user: {prompt}\nsystem: {completion}</s>`
-(the seed calls the assistant "system"), after the BOS token every pretraining document starts
-with. A conversation renders turn after turn; a system message, if any, is a plain line before
-the first turn.
+The chat templates and their tokenisation (`ChatTemplate`, `Example`) live in
+`openllama.chat_template`, beside the tokenizer that carries them; they are re-exported here for
+the callers that still import them from data.chat.
 
 Pipeline:
   read_conversations(path, fmt)   alpaca / self_instruct / BELLE (+ multi-turn Human:/Assistant:
                                   text) / school_math / BELLE eval / BELLE seed tasks / ShareGPT /
                                   OpenAI-TRL messages / prompt-completion -> list[Conversation]
-  ChatTemplate.encode(conv, tok)  render the whole conversation with the jinja template (exactly as
-                                  transformers' `apply_chat_template` does), tokenise it once, and
+  ChatTemplate.encode(conv, tok)  (chat_template.py) render the whole conversation with the jinja
+                                  template (exactly as transformers' `apply_chat_template` does),
+                                  tokenise it once, and
                                   label only the tokens that overlap an assistant reply (+ the text
                                   the template closes it with, e.g. eos), so our ids equal
                                   `apply_chat_template(messages, tokenize=True)` on the exported
@@ -22,41 +22,16 @@ Pipeline:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from ..chat_template import Example
 from ..errors import UserError
-
-IGNORE_INDEX = -100  # label of a token that carries no loss (torch cross_entropy's default)
-
-# Jinja, as transformers' `apply_chat_template` runs it; written into tokenizer_config.json.
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'user: ' + message['content'] + '\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ 'system: ' + message['content'] + eos_token }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'system: ' }}{% endif %}"
-)
-
-# A ChatML-like alternative (role headers between <|im_start|> / <|im_end|> markers, as plain text
-# unless the tokenizer has them as special tokens); the reply is closed by `<|im_end|>` + eos.
-CHATML_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ '<|im_end|>' + eos_token + '\n' }}"
-    "{% else %}{{ '<|im_end|>\n' }}{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-CHAT_TEMPLATES = {"default": DEFAULT_CHAT_TEMPLATE, "seed": DEFAULT_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}
+from ..labels import IGNORE_INDEX
+from ..records import json_records
 
 ROLES = ("system", "user", "assistant")
 
@@ -254,55 +229,52 @@ def resolve_format(name: str) -> ChatFormat | None:
 # Reading files
 
 
-def iter_json_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) for a JSON array file or a JSON-lines file; `where` is "line N" / "record N".
-    Bad JSON is a UserError naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        for i, record in enumerate(data):
-            yield f"record {i}", record
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid JSON line ({exc.msg}); expected a JSON array or JSON lines") from None
-        yield f"line {lineno}", record
-
-
 @dataclass
 class ReadReport:
-    """What a reader did: the format used, records read, and records skipped (with why)."""
+    """What a reader did with one file: the format used, records read, and the records skipped,
+    counted by reason (`skipped` keeps every message, for printing the first few). Every record
+    read is either used or skipped (a raised error ends the read), so `used` is derived."""
 
     format: str = ""
     records: int = 0
     skipped: list[str] = field(default_factory=list)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def used(self) -> int:
+        return self.records - len(self.skipped)
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skipped.append(message)
+        self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+
+    def malformed(self, message: str, on_error: str) -> None:
+        """A record that does not fit its format: a UserError, or with on_error="skip" counted."""
+        if on_error == "raise":
+            raise UserError(message) from None
+        self.skip("malformed", message)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format, "records": self.records, "used": self.used,
+                "skipped": len(self.skipped), "skipped_by_reason": dict(sorted(self.skipped_by_reason.items()))}
 
 
 def read_records(path: str | Path, fmt: str | ChatFormat | None, reader_kind: str,
                  detect: Callable[[Any], Any], on_error: str, report: ReadReport) -> Iterator[tuple[str, Any, Any]]:
-    """Shared by the chat and preference readers: yields (where, record, format) with the format
-    detected from the first record (or given); a record that does not match -> UserError, or with
-    on_error="skip", an entry in report.skipped."""
+    """Shared by the chat, preference and prompt readers: yields (where, record, format) for every
+    record of a JSON / JSON-lines file (plain, .gz or .zst, streamed; `where` is "path:LINE" or
+    "path: array index N"), the format detected from the first record (or given). The caller
+    turns a record that does not fit into `report.malformed(...)`."""
     if on_error not in ("raise", "skip"):
         raise UserError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     chosen = fmt
-    for where, record in iter_json_records(path):
+    for where, record in json_records(path):
         report.records += 1
         if chosen is None:
             chosen = detect(record)
             if chosen is None:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise UserError(f"{path}: {where}: cannot tell the {reader_kind} format from keys {keys}; "
+                raise UserError(f"{where}: cannot tell the {reader_kind} format from keys {keys}; "
                                 f"name it with --format")
             report.format = chosen.name
         yield where, record, chosen
@@ -310,9 +282,9 @@ def read_records(path: str | Path, fmt: str | ChatFormat | None, reader_kind: st
 
 def read_conversations(path: str | Path, fmt: str = "auto", on_error: str = "raise",
                        report: ReadReport | None = None) -> list[Conversation]:
-    """All conversations in a JSON / JSON-lines file. `fmt` is a format name or "auto" (detected
-    from the first record). A malformed record is a UserError naming file, line/record and what
-    was expected, or with on_error="skip", counted in `report.skipped`."""
+    """All conversations in a JSON / JSON-lines file (plain, .gz or .zst). `fmt` is a format name
+    or "auto" (detected from the first record). A malformed record is a UserError naming file,
+    line and what was expected, or with on_error="skip", counted in `report` as "malformed"."""
     report = report if report is not None else ReadReport()
     given = resolve_format(fmt)
     if given is not None:
@@ -323,135 +295,14 @@ def read_conversations(path: str | Path, fmt: str = "auto", on_error: str = "rai
             if not isinstance(record, dict):
                 raise RecordError(f"expected a JSON object, got {type(record).__name__}")
             convs = chat_fmt.read(record)
-            for c in convs:
-                c.source = f"{path}: {where}"
-            out.extend(convs)
-        except (RecordError, ValueError) as exc:
-            msg = f"{path}: {where}: {exc} (format {chat_fmt.name} expects keys {', '.join(chat_fmt.keys)})"
-            if on_error == "raise":
-                raise UserError(msg) from None
-            report.skipped.append(msg)
+        except (RecordError, ValueError) as exc:  # ValueError: Conversation's own checks
+            report.malformed(f"{where}: {exc} (format {chat_fmt.name} expects keys {', '.join(chat_fmt.keys)})",
+                             on_error)
+            continue
+        for c in convs:
+            c.source = where
+        out.extend(convs)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Templates and token labels
-
-
-def template_source(name_or_path: str | None) -> str:
-    """A template by name (default, seed, chatml), from a .jinja file, or the jinja text itself."""
-    if not name_or_path:
-        return DEFAULT_CHAT_TEMPLATE
-    if name_or_path in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[name_or_path]
-    if "{%" in name_or_path or "{{" in name_or_path:
-        return name_or_path
-    path = Path(name_or_path)
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    raise UserError(f"chat template {name_or_path!r}: not a template name ({', '.join(CHAT_TEMPLATES)}) "
-                    f"nor a file")
-
-
-@dataclass
-class Example:
-    """One tokenised conversation: `labels[i]` is ids[i] where token i is trained, else IGNORE_INDEX.
-    `turn_ends` are token counts at which an assistant turn ends (safe truncation points)."""
-
-    ids: list[int]
-    labels: list[int]
-    turn_ends: list[int]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def special_token_strings(tokenizer: Any) -> dict[str, str]:
-    """bos/eos/pad text as the template sees them (transformers passes special_tokens_map)."""
-    out = {}
-    to_text = getattr(tokenizer, "id_to_token", None) or getattr(tokenizer, "id_to_piece", None)
-    for name, default in (("bos_token", "<s>"), ("eos_token", "</s>"), ("pad_token", None)):
-        value = getattr(tokenizer, name, None)
-        ident = getattr(tokenizer, name.replace("_token", "_id"), None)
-        if not isinstance(value, str) and to_text is not None and isinstance(ident, int) and ident >= 0:
-            value = to_text(ident)
-        value = value if isinstance(value, str) else default
-        if value is not None:
-            out[name] = value
-    return out
-
-
-class ChatTemplate:
-    """Renders conversations with a jinja chat template exactly as transformers does (same
-    function, same special-token variables) and tokenises them with loss on assistant replies."""
-
-    def __init__(self, source: str | None = None, special_tokens: dict[str, str] | None = None):
-        self.source = template_source(source)
-        self.special_tokens = dict(special_tokens or {"bos_token": "<s>", "eos_token": "</s>"})
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Any, source: str | None = None) -> "ChatTemplate":
-        return cls(source, special_token_strings(tokenizer))
-
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        try:
-            rendered, _ = render_jinja_template([list(messages)], chat_template=self.source,
-                                                add_generation_prompt=add_generation_prompt, **self.special_tokens)
-        except Exception as exc:  # jinja syntax/runtime errors in a user template
-            raise UserError(f"chat template failed to render: {type(exc).__name__}: {exc}") from None
-        return rendered[0]
-
-    def assistant_spans(self, messages: Sequence[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and the character span of each assistant reply: from the end of the
-        generation prompt before it (less trailing whitespace) to the end of the rendered reply (so
-        the closing eos counts).
-        Needs a template where each turn only appends text, which every chat template does."""
-        text = self.render(messages)
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant" or (only_last and i != len(messages) - 1):
-                continue
-            start_text = self.render(messages[:i], add_generation_prompt=True)
-            end_text = self.render(messages[: i + 1])
-            if not text.startswith(end_text) or not end_text.startswith(start_text):
-                raise UserError("chat template is not incremental (rendering a prefix of a conversation must give "
-                                "a prefix of the text), so replies cannot be located for the loss mask")
-            # whitespace ending the generation prompt (the space after "system:") belongs to the reply:
-            # tokenizers attach it to the next word, and `generation_ids` leaves it to the model
-            spans.append((len(start_text.rstrip()), len(end_text)))
-        return text, spans
-
-    def generation_ids(self, messages: Sequence[dict], tokenizer: Any) -> list[int]:
-        """Prompt ids for sampling a reply: the conversation + the generation prompt, without the
-        trailing whitespace-only tokens, which training counts as the start of the reply (so the
-        model continues exactly as it learned to, e.g. with the token "▁d" after "system:")."""
-        text = self.render(messages, add_generation_prompt=True)
-        ids, offsets = tokenizer.encode_with_offsets(text)
-        keep = len(ids)
-        stripped = len(text.rstrip())
-        while keep and offsets[keep - 1][0] >= stripped:
-            keep -= 1
-        return list(ids[:keep])
-
-    def encode(self, conversation: Conversation | Sequence[dict], tokenizer: Any, only_last: bool = False) -> Example:
-        """Tokenise the whole rendered text once (so ids equal `apply_chat_template(tokenize=True)`);
-        a token is trained when its characters overlap an assistant span."""
-        messages = conversation.messages if isinstance(conversation, Conversation) else list(conversation)
-        text, spans = self.assistant_spans(messages, only_last=only_last)
-        ids, offsets = tokenizer.encode_with_offsets(text)
-        labels = [IGNORE_INDEX] * len(ids)
-        turn_ends = []
-        k = 0
-        for start, end in spans:
-            while k < len(ids) and offsets[k][1] <= start:
-                k += 1
-            while k < len(ids) and offsets[k][0] < end:
-                labels[k] = ids[k]
-                k += 1
-            turn_ends.append(k)
-        return Example(list(ids), labels, turn_ends)
 
 
 # ----------------------------------------------------------------------------------------------

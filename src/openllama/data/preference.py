@@ -5,7 +5,8 @@ Formats:
   pairs  {"prompt", "chosen", "rejected"}: the prompt a string or a message list; each reply a
          string or (TRL conversational) a list holding one assistant message.
   hh     Anthropic HH-RLHF {"chosen", "rejected"}: whole dialogues as `\\n\\nHuman: ...\\n\\nAssistant:
-         ...` text; the shared turns become the prompt and the differing final replies the pair.
+         ...` text, as released (irregular: see `from_hh`); the shared start becomes the prompt and
+         the two remainders the pair.
 
 Encoding renders prompt + reply with the chat template (loss mask on the final reply only) and
 `collate_pairs` stacks chosen rows then rejected rows, right-padded, with each row's length.
@@ -13,13 +14,14 @@ Encoding renders prompt + reply with the chat template (loss mask on the final r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..chat_template import ChatTemplate, Example
 from ..errors import UserError
-from .chat import (ROLES, ChatTemplate, Example, LengthReport, ReadReport, RecordError, pad_examples,
-                   read_records, split_turns)
+from .chat import ROLES, LengthReport, ReadReport, RecordError, pad_examples, read_records
 
 
 @dataclass
@@ -60,22 +62,57 @@ def from_pairs(record: dict) -> PreferencePair:
     return PreferencePair(_prompt_messages(record.get("prompt")), _reply(record, "chosen"), _reply(record, "rejected"))
 
 
+class IrregularRecord(Exception):
+    """A well-formed record that yields no pair (released data is irregular, not malformed):
+    skipped and counted under `reason` whatever on_error says."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+_HH_REPLY = "\n\nAssistant:"
+# only the blank-line form (or the very start) begins a turn: HH has "...  Human: ..." inside
+# turns, which stays text
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def _common_prefix(a: str, b: str) -> str:
+    """The longest common prefix, by bisection on slice equality (C speed on long dialogues)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return a[:lo]
+
+
+def _hh_turns(text: str) -> list[dict[str, str]]:
+    """`\\n\\nHuman: a\\n\\nAssistant: b...` -> messages; [] when it does not start with a Human turn."""
+    parts = _HH_TURN.split(text)  # [before the first marker, role, content, role, content, ...]
+    if parts[0].strip() or len(parts) < 3 or parts[1] != "Human":
+        return []
+    return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2])]
+
+
 def from_hh(record: dict) -> PreferencePair:
-    """Split HH dialogues into the shared prompt and the two final assistant replies."""
-    sides = []
+    """TRL's rule for HH-RLHF: the prompt is the longest common start of chosen and rejected, cut
+    back to its last "\\n\\nAssistant:" marker; the replies are what follows it on each side."""
     for key in ("chosen", "rejected"):
-        text = record.get(key)
-        if not isinstance(text, str):
+        if not isinstance(record.get(key), str):
             raise RecordError(f"key {key!r} must be a string of Human:/Assistant: turns")
-        turns = split_turns(text)
-        if len(turns) < 2 or turns[-1][0] != "assistant" or turns[-2][0] != "user":
-            raise RecordError(f"{key!r} must end with a Human turn then an Assistant reply")
-        sides.append(turns)
-    chosen, rejected = sides
-    if chosen[:-1] != rejected[:-1]:
-        raise RecordError("chosen and rejected differ before their final Assistant reply (no shared prompt)")
-    prompt = [{"role": r, "content": c} for r, c in chosen[:-1]]
-    return PreferencePair(prompt, chosen[-1][1], rejected[-1][1])
+    chosen, rejected = record["chosen"], record["rejected"]
+    end = _common_prefix(chosen, rejected).rfind(_HH_REPLY)
+    prompt = _hh_turns(chosen[:end]) if end >= 0 else []
+    if not prompt:
+        raise IrregularRecord("no_shared_prompt", "chosen and rejected share no Human turn then '\\n\\nAssistant:'")
+    replies = [text[end + len(_HH_REPLY):].strip() for text in (chosen, rejected)]
+    if not all(replies):
+        raise IrregularRecord("empty_reply", f"the {'chosen' if not replies[0] else 'rejected'} reply is empty")
+    return PreferencePair(prompt, replies[0], replies[1])
 
 
 @dataclass(frozen=True)
@@ -102,7 +139,9 @@ def detect_preference_format(record: Any) -> PreferenceFormat | None:
 
 def read_preferences(path: str | Path, fmt: str = "auto", on_error: str = "raise",
                      report: ReadReport | None = None) -> list[PreferencePair]:
-    """All pairs in a JSON / JSON-lines file; errors name file, line and the expected keys."""
+    """All pairs in a JSON / JSON-lines file (plain, .gz or .zst); a malformed record is a
+    UserError naming file, line and the expected keys (or with on_error="skip" counted as
+    "malformed"); an irregular HH record is always skipped and counted by its reason."""
     report = report if report is not None else ReadReport()
     given = None
     if fmt != "auto":
@@ -116,13 +155,14 @@ def read_preferences(path: str | Path, fmt: str = "auto", on_error: str = "raise
             if not isinstance(record, dict):
                 raise RecordError(f"expected a JSON object, got {type(record).__name__}")
             pair = pfmt.read(record)
-            pair.source = f"{path}: {where}"
-            out.append(pair)
+        except IrregularRecord as exc:
+            report.skip(exc.reason, f"{where}: {exc}")
+            continue
         except RecordError as exc:
-            msg = f"{path}: {where}: {exc} (format {pfmt.name} expects keys {', '.join(pfmt.keys)})"
-            if on_error == "raise":
-                raise UserError(msg) from None
-            report.skipped.append(msg)
+            report.malformed(f"{where}: {exc} (format {pfmt.name} expects keys {', '.join(pfmt.keys)})", on_error)
+            continue
+        pair.source = where
+        out.append(pair)
     return out
 
 
