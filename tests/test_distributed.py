@@ -177,7 +177,7 @@ def test_data_order_is_partitioned_across_ranks_on_real_token_shards(real_tokens
     # rank r's k-th micro-batch is the single process's micro-batch 2k + r: together exactly that order
     for k in range(rounds):
         for r in (0, 1):
-            for key in ("tokens", "labels", "doc_ids"):
+            for key in ("tokens", "targets", "doc_ids"):
                 assert torch.equal(two[r][k][key], one[2 * k + r][key]), (k, r, key)
     assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
     # and that order covers the corpus: the windows, glued back (they overlap by one token), are every

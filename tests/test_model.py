@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from openllama.config import ModelConfig
 from openllama.errors import UserError
-from openllama.model import (KVCache, Llama, count_params, find_tokenizer_dir, flops_per_token,
-                             linear_cross_entropy, load_model, padding_attention_mask, padding_positions,
-                             positions_from_doc_ids, resolve_model_dir, save_model)
+from openllama.artifacts import COMPLETE, find_tokenizer_dir, resolve_model_dir
+from openllama.model import (KVCache, Llama, count_params, flops_per_token, linear_cross_entropy, load_model,
+                             padding_attention_mask, padding_positions, positions_from_doc_ids, save_model)
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, multiple_of=16, max_seq_len=64)
 
@@ -202,8 +202,6 @@ def test_linear_cross_entropy_chunks_and_no_grad():
 
 
 def test_save_load_round_trip_and_resolver(tmp_path):
-    from openllama.train.checkpoint import COMPLETE
-
     model = tiny(tie_embeddings=True, stable_embedding=True)
     tokens = torch.randint(0, 97, (1, 6))
     run = tmp_path / "run"

@@ -83,11 +83,11 @@ def test_windows_cover_the_stream_without_gaps(corpus):
     seen = []
     for _ in range(per_epoch // B):
         batch = next(batches)
-        full = torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1)
+        full = torch.cat([batch["tokens"], batch["targets"][:, -1:]], dim=1)
         seen.append(batch)
     # consecutive windows overlap by exactly one token: labels[-1] of window k == tokens[0] of window k+1
     flat_tokens = torch.cat([b["tokens"] for b in seen])
-    flat_last = torch.cat([b["labels"][:, -1] for b in seen])
+    flat_last = torch.cat([b["targets"][:, -1] for b in seen])
     ok = (flat_last[:-1] == flat_tokens[1:, 0]) | (flat_last[:-1] == IGNORE_INDEX)
     assert bool(ok.all())
     # every document of the corpus starts somewhere in one epoch (bos count)
@@ -121,7 +121,7 @@ def test_epochs_reshuffle_and_seed_matters(corpus):
 
 def test_document_boundaries(corpus):
     batch = next(PackedBatches([corpus], [1.0], 32, 8, seed=2))
-    tokens, labels, docs = batch["tokens"], batch["labels"], batch["doc_ids"]
+    tokens, labels, docs = batch["tokens"], batch["targets"], batch["doc_ids"]
     assert tokens.shape == labels.shape == docs.shape == (8, 32)
     # a new document (doc id changes) starts with bos, and the label that would cross into it is ignored
     starts = docs[:, 1:] != docs[:, :-1]

@@ -116,6 +116,26 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """`{"a.b": 3, "c": None}` -> `{"a": {"b": 3}}`: dotted keys to sections (None values dropped)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    return tree
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 3}}` -> `{"a.b": 3}`: the inverse of `nested`, for comparing configs key by key."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Deep merge: `extra` wins; nested dicts are merged key by key."""
     out = dict(base)

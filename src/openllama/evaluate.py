@@ -19,27 +19,22 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .data.packing import IGNORE_INDEX, TokenCorpus, eval_batches
-
-
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over positions whose label is not IGNORE_INDEX, computed in float32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+from .data.packing import TokenCorpus, eval_batches
+from .labels import IGNORE_INDEX
 
 
 @torch.no_grad()
 def language_model_loss(model: torch.nn.Module, batches, device: torch.device | str | None = None) -> tuple[float, int]:
-    """(mean loss in nats per predicted token, number of predicted tokens) over `batches`."""
+    """(mean loss in nats per predicted token, number of predicted tokens) over `batches`, through
+    the same fused `forward(targets=)` as training (the (B, T, vocab) logits never exist)."""
     device = device or next(model.parameters()).device
     total, count = 0.0, 0
     for batch in batches:
-        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-        logits = model(tokens, doc_ids=batch["doc_ids"].to(device))
-        total += float(token_cross_entropy(logits, labels, reduction="sum"))
-        count += int((labels != IGNORE_INDEX).sum())
+        targets = batch["targets"].to(device)
+        total += float(model(batch["tokens"].to(device), doc_ids=batch["doc_ids"].to(device), targets=targets,
+                             ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((targets != IGNORE_INDEX).sum())
     return (total / count if count else float("nan")), count
 
 

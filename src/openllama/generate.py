@@ -34,7 +34,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import UserError
-from .model import CONFIG_FILE, KVCache, Llama
+from .artifacts import CONFIG_FILE
+from .model import KVCache, Llama
 
 # -- sampling ------------------------------------------------------------------------------------
 
@@ -481,7 +482,8 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu",
     step dir, a run dir (its newest step) or an exported Hugging Face Llama dir (config.json);
     the tokenizer files are looked for beside the model, in its step dir and in its run dir.
     require_tokenizer=False (scoring token shards needs none): tokenizer and tokenizer_dir may be None."""
-    from .model import find_tokenizer_dir, load_model, resolve_model_dir, use_cpu_decode_layout
+    from .artifacts import find_tokenizer_dir, resolve_model_dir
+    from .model import load_model, use_cpu_decode_layout
     from .tokenizer import Tokenizer
 
     device = pick_device(device) if isinstance(device, str) else device

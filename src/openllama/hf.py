@@ -26,7 +26,8 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
-from .model import CONFIG_FILE, Llama, find_tokenizer_dir, load_model, resolve_model_dir
+from .artifacts import CONFIG_FILE, find_tokenizer_dir, resolve_model_dir
+from .model import Llama, load_model
 from .tokenizer import copy_tokenizer_files
 
 # our name -> transformers name, per layer ("{i}" is the layer index)

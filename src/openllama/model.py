@@ -21,7 +21,7 @@ prompts with different lengths are left-padded: `padding_positions` and `padding
 build the `positions` and `attn_mask` that make each row compute exactly what it would alone.
 
 Files: a model directory is `openllama.json` + `model.safetensors` (`save_model` / `load_model`);
-`resolve_model_dir` also accepts a checkpoint step directory or a run directory.
+`load_model` also accepts a checkpoint step or run directory (`artifacts.resolve_model_dir`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .artifacts import CONFIG_FILE, MODEL_FILE, resolve_model_dir
 from .config import ModelConfig
 from .errors import UserError
-
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "openllama.json"  # marks a directory as an openllama model
 
 
 class RMSNorm(nn.Module):
@@ -493,44 +491,6 @@ def save_model(model: Llama, directory: str | Path, extra: dict | None = None) -
         meta.update(extra)
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return directory
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """The model directory behind `path`, which may be
-    - a model directory (holds openllama.json),
-    - a checkpoint step directory (holds model/openllama.json), or
-    - a run directory (holds checkpoints/: its newest complete step, by the same rule as --resume,
-      see train.checkpoint.latest_checkpoint)."""
-    path = Path(path)
-    if (path / CONFIG_FILE).is_file():
-        return path
-    if (path / "model" / CONFIG_FILE).is_file():
-        return path / "model"
-    ckpts = path / "checkpoints"
-    if ckpts.is_dir():
-        from .train.checkpoint import latest_checkpoint  # the run-directory layout lives there
-
-        step = latest_checkpoint(ckpts)
-        if step is None or not (step / "model" / CONFIG_FILE).is_file():
-            raise UserError(f"{ckpts}: no complete checkpoint (no step_*/ with a COMPLETE marker and model/)")
-        return step / "model"
-    if not path.exists():
-        raise UserError(f"{path}: no such directory")
-    raise UserError(f"{path}: not a model, checkpoint or run directory (no {CONFIG_FILE}, model/ or checkpoints/)")
-
-
-def find_tokenizer_dir(path: str | Path) -> Path | None:
-    """The directory holding the tokenizer files for the model behind `path`: the model directory
-    itself, its step directory, or the run directory (first that has tokenizer.json or .model)."""
-    path = Path(path)
-    model_dir = resolve_model_dir(path)
-    candidates = [model_dir, model_dir.parent]
-    if model_dir.parent.parent.name == "checkpoints":  # RUN/checkpoints/step_N/model -> RUN
-        candidates.append(model_dir.parent.parent.parent)
-    for d in (*candidates, path):
-        if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file():
-            return d
-    return None
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:

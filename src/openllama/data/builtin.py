@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 from pydantic import Field
 
+from ..atomic import write_text_atomic
 from ..config import Section
 
 SPLITS = ("train", "valid", "test")
@@ -521,14 +522,9 @@ class BuiltinConfig(Section):
 def write_jsonl(path: Path, rows) -> int:
     """Write rows as UTF-8 JSON lines atomically (temp file + rename); returns the count."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    tmp.replace(path)
-    return n
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    write_text_atomic(path, lines)
+    return len(lines)
 
 
 def preference_row(p: Problem, rng: random.Random) -> dict:

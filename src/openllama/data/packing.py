@@ -2,10 +2,10 @@
 
 Each corpus (a token-shard directory, see docs/architecture.md) is read as one long stream per epoch:
 its documents (`[bos] + ids + [eos]`) in a seeded permutation, concatenated. Window k of that stream
-is tokens `[k*T, k*T + T + 1)`: T inputs and the T next-token labels (windows overlap by one token so
-no label is lost). `doc_ids` number the documents inside a window so the model's block-diagonal mask
-keeps attention inside a document; a label that belongs to another document than its input (the
-`bos` after an `eos`) is ignored (-100).
+is tokens `[k*T, k*T + T + 1)`: T inputs and their T next-token `targets` (labels.py's convention;
+windows overlap by one token so no target is lost). `doc_ids` number the documents inside a window so
+the model's block-diagonal mask keeps attention inside a document; a target that belongs to another
+document than its input (the `bos` after an `eos`) is IGNORE_INDEX.
 
 The global order of samples interleaves the corpora by weight: sample n comes from the corpus that is
 furthest behind its share (`w_c * (n + 1) - taken_c` largest; ties to the first). That is
@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-
-IGNORE_INDEX = -100
+from ..labels import IGNORE_INDEX
 
 
 class TokenCorpus:
@@ -99,7 +98,7 @@ class _Position:
 
 
 class PackedBatches:
-    """An iterator of `{"tokens", "labels", "doc_ids"}` (each (B, T) int64) for one rank.
+    """An iterator of `{"tokens", "targets", "doc_ids"}` (each (B, T) int64) for one rank.
 
     corpora/weights: the mixture; seed: the permutation seed; rank/world: which micro-batches are ours.
     `state_dict()` is the global position after the last batch this iterator returned."""
@@ -201,6 +200,6 @@ def eval_batches(corpus: TokenCorpus, seq_len: int, batch_size: int, max_batches
 def _collate(windows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
     tokens = torch.from_numpy(np.stack([w[0] for w in windows]))
     docs = torch.from_numpy(np.stack([w[1] for w in windows]))
-    labels = tokens[:, 1:].clone()
-    labels[docs[:, 1:] != docs[:, :-1]] = IGNORE_INDEX
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": labels, "doc_ids": docs[:, :-1].contiguous()}
+    targets = tokens[:, 1:].clone()
+    targets[docs[:, 1:] != docs[:, :-1]] = IGNORE_INDEX
+    return {"tokens": tokens[:, :-1].contiguous(), "targets": targets, "doc_ids": docs[:, :-1].contiguous()}

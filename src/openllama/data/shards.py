@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import zstandard
 
+from ..atomic import write_bytes_atomic
 from ..errors import UserError
 
 MAX_LINES = 16_384
@@ -30,18 +31,6 @@ SHARD_SUFFIX = ".jsonl.zst"
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}{SHARD_SUFFIX}"
-
-
-def atomic_write_bytes(path: Path, data: bytes | Iterable[bytes]) -> None:
-    """Write to a temporary sibling, fsync, rename: readers see the old file or the whole new one.
-    `data` may be several pieces, written in order."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
-            f.write(piece)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(path: Path, lines: bytes | Sequence[bytes | memoryview], level: int = ZSTD_LEVEL,
@@ -60,7 +49,7 @@ def write_shard(path: Path, lines: bytes | Sequence[bytes | memoryview], level: 
     digest = hashlib.sha256()
     for chunk in out:
         digest.update(chunk)
-    atomic_write_bytes(path, out)
+    write_bytes_atomic(path, out)
     if num_lines is None:
         num_lines = sum(bytes(p).count(b"\n") for p in pieces)
     return {"name": path.name, "num_lines": num_lines,
@@ -69,7 +58,7 @@ def write_shard(path: Path, lines: bytes | Sequence[bytes | memoryview], level: 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     text = json.dumps(manifest, indent=1, ensure_ascii=False, sort_keys=False) + "\n"
-    atomic_write_bytes(Path(directory) / MANIFEST, text.encode("utf-8"))
+    write_bytes_atomic(Path(directory) / MANIFEST, text.encode("utf-8"))
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from ..atomic import write_text_atomic
 
 # Dense bf16 peak FLOP/s (no sparsity) of common accelerators, matched by substring of the
 # device name (first match wins, so the more specific names come first).
@@ -120,10 +121,4 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     if not path.is_file():
         return
     keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in keep:
-            fh.write(json.dumps(r) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, (json.dumps(r) + "\n" for r in keep))
