@@ -46,7 +46,7 @@ def test_ipo_loss_formula():
 def test_reference_scores_split_across_ranks_reassemble_in_order(setup):
     # precompute splits the pairs between ranks (rank r scores r, r + w, ...), pads each share to
     # the same length and gathers them: reassembled they equal one process scoring every pair
-    from openllama.data.chat import ChatTemplate
+    from openllama.chat_template import ChatTemplate
     from openllama.data.preference import encode_pairs, read_preferences
     from openllama.model import load_model
     from openllama.tokenizer import Tokenizer
@@ -83,7 +83,7 @@ def test_dpo_lora_resume_is_exact(setup):
               "train.micro_batch_size=4", "train.seq_len=64", "optim.lr=1e-3", "lora.r=4"]
     assert main(["dpo", "--out", str(root / "a"), *common]) == 0
     assert main(["dpo", "--out", str(root / "b"), *common, "train.halt_at_step=2"]) == 0
-    assert main(["dpo", "--out", str(root / "b"), "--resume", "--no-progress", "train.halt_at_step=null"]) == 0
+    assert main(["dpo", "--out", str(root / "b"), "--resume", "--no-progress"]) == 0
     from safetensors.torch import load_file
 
     for name in ("model.safetensors", "lora_adapter.safetensors"):
@@ -97,3 +97,30 @@ def test_dpo_lora_resume_is_exact(setup):
     base, tuned = load_model(start).state_dict(), load_model(root / "a").state_dict()
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(k.split(".")[-2] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3") for k in changed)
+
+
+def _as_hh(row: dict, turns: str = "") -> dict:
+    """A pair written as Anthropic HH releases it: whole dialogues, the shared turns repeated."""
+    start = f"{turns}\n\nHuman: {row['prompt']}\n\nAssistant:"
+    return {"chosen": f"{start} {row['chosen']}", "rejected": f"{start} {row['rejected']}"}
+
+
+def test_dpo_trains_on_hh_as_released_gz_irregular_records_counted(setup, tmp_path):
+    # the HH release: *.jsonl.gz, several shared turns, a turn marker without its blank line inside a
+    # turn, and records with no shared prompt. The default on_error trains, and counts what it skips.
+    import gzip
+
+    root, start, _, _ = setup
+    rows = [_as_hh(r) for r in preference_rows(24, 2)]
+    rows += [_as_hh(r, "\n\nHuman: hello\n\nAssistant: hi.  Human: and more on the same line") for r in
+             preference_rows(6, 3)]
+    rows += [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}] * 3
+    rows += [{"chosen": "\n\nHuman: q\n\nAssistant:", "rejected": "\n\nHuman: q\n\nAssistant: r"}] * 2
+    data = tmp_path / "hh.jsonl.gz"
+    data.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")))
+    out = tmp_path / "run"
+    assert main(["dpo", "--model", str(start), "--data", str(data), "--out", str(out), "--no-progress",
+                 "train.max_steps=2", "train.micro_batch_size=4", "train.seq_len=64"]) == 0
+    (report,) = json.loads((out / "summary.json").read_text())["data"]["files"]
+    assert report == {"path": str(data), "format": "hh", "records": 35, "used": 30, "skipped": 5,
+                      "skipped_by_reason": {"empty_reply": 2, "no_shared_prompt": 3}}

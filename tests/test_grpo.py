@@ -73,7 +73,7 @@ def test_prompt_file_errors(tmp_path):
                                                {"messages": [{"role": "user", "content": "say b"},
                                                              {"role": "assistant", "content": "b"}]},
                                                {"prompt": "say c"}])
-    with pytest.raises(UserError, match=r"rl\.jsonl: line 3: key 'answer' must be a string"):
+    with pytest.raises(UserError, match=r"rl\.jsonl:3: key 'answer' must be a string"):
         read_prompts(path)
     assert [p.answer for p in read_prompts(path, on_error="skip")] == ["a", "b"]
 
@@ -113,7 +113,7 @@ def test_grpo_resume_is_exact(tmp_path):
     prompts = write_jsonl(root / "rl.jsonl", [{"prompt": f"say {c}", "answer": c} for c in LETTERS])
     # scored by a (randomly initialised) reward model: graded rewards, so every group carries signal
     from openllama.model import load_model
-    from openllama.train.reward import RewardModel
+    from openllama.train.reward_model import RewardModel
 
     RewardModel(load_model(start)).save_checkpoint(root / "rm")
     common = ["--model", str(start), f"grpo.reward={root / 'rm'}", "--data", str(prompts), "--no-progress", "data.valid_fraction=0",
@@ -121,7 +121,7 @@ def test_grpo_resume_is_exact(tmp_path):
               "optim.lr=1e-3"]
     assert main(["grpo", "--out", str(root / "a"), *common]) == 0
     assert main(["grpo", "--out", str(root / "b"), *common, "train.halt_at_step=2"]) == 0
-    assert main(["grpo", "--out", str(root / "b"), "--resume", "--no-progress", "train.halt_at_step=null"]) == 0
+    assert main(["grpo", "--out", str(root / "b"), "--resume", "--no-progress"]) == 0
     ra, rb = metrics(root / "a", "train"), metrics(root / "b", "train")
     assert [(r["loss"], r["reward_mean"]) for r in ra] == [(r["loss"], r["reward_mean"]) for r in rb]
     from safetensors.torch import load_file

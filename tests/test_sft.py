@@ -10,7 +10,7 @@ import torch
 
 from alignment_helpers import make_start, metrics, write_jsonl
 from openllama.cli import main
-from openllama.data.chat import IGNORE_INDEX
+from openllama.labels import IGNORE_INDEX
 
 LETTERS = "abcdefghi"
 
@@ -42,7 +42,8 @@ def test_sft_loss_falls_and_prompts_carry_no_loss(setup, shared_data):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
     # the label tensor of a real batch: labels only where the reply (and its eos) is
-    from openllama.data.chat import ChatTemplate, read_conversations
+    from openllama.chat_template import ChatTemplate
+    from openllama.data.chat import read_conversations
     from openllama.tokenizer import Tokenizer
     from openllama.train.sft import SFTObjective, encode_conversations
     from openllama.data.chat import LengthReport
@@ -69,7 +70,7 @@ def test_sft_loss_falls_and_prompts_carry_no_loss(setup, shared_data):
 def test_exported_tokenizer_renders_our_ids(setup, tmp_path):
     from transformers import AutoTokenizer
 
-    from openllama.data.chat import ChatTemplate
+    from openllama.chat_template import ChatTemplate
     from openllama.hf import export_hf
     from openllama.tokenizer import Tokenizer
 
@@ -96,8 +97,8 @@ def test_lora_sft_merges_and_resumes_exactly(setup, capsys):
     assert main(["sft", "--out", str(root / "b"), *common, "train.halt_at_step=2"]) == 0
     # --resume reads b's config.yaml; what is given with it must agree (run-control keys aside)
     assert main(["sft", "--out", str(root / "b"), "--resume", "--no-progress", "optim.lr=1e-3"]) == 2
-    assert "config.yaml has optim.lr=0.01 but this command gives 0.001" in capsys.readouterr().err
-    assert main(["sft", "--out", str(root / "b"), "--resume", "--no-progress", "train.halt_at_step=null",
+    assert "the run has optim.lr=0.01 but this command gives 0.001" in capsys.readouterr().err
+    assert main(["sft", "--out", str(root / "b"), "--resume", "--no-progress",
                  *common]) == 0
     assert [r["loss"] for r in metrics(root / "a", "train")] == [r["loss"] for r in metrics(root / "b", "train")]
 
@@ -124,7 +125,7 @@ def test_bad_data_is_a_user_error(setup, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x"}])
     assert main(["sft", "--model", str(start), "--data", str(bad), "--out", str(tmp_path / "o"), "--no-progress",
                  "train.max_steps=1"]) == 2
-    assert "bad.jsonl: line 2: key 'output' must be a string" in capsys.readouterr().err
+    assert "bad.jsonl:2: key 'output' must be a string" in capsys.readouterr().err
     assert main(["sft", "--data", str(bad), "--out", str(tmp_path / "o"), "train.max_steps=1"]) == 2
     assert "no starting model" in capsys.readouterr().err
     # the length is explicit (no hidden default), and counted in steps: max_tokens is pretraining's

@@ -15,15 +15,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .artifacts import METRICS_FILE
 from .tasks import Accuracy, clearly_better
+from .train.metrics import read_metrics
 
 ALIGN_REWARD = {"dpo": "reward_margin", "grpo": "reward_mean"}  # the per-step signal that should rise
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -32,7 +28,8 @@ def _mean(xs: list[float]) -> float | None:
 
 def collect_stage(name: str, run_dir: Path, seconds: float, evaluation: dict) -> dict[str, Any]:
     """One stage's numbers: time, steps, tokens, final training loss, throughput, evaluation."""
-    records = _read_jsonl(run_dir / "metrics.jsonl")
+    metrics = run_dir / METRICS_FILE
+    records = read_metrics(metrics) if metrics.is_file() else []
     train = [r for r in records if r.get("kind") == "train"]
     tail = train[-max(1, len(train) // 10):]
     stage: dict[str, Any] = {

@@ -22,59 +22,43 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..artifacts import (CHECKPOINTS, COMPLETE, CONFIG_FILE, LATEST, MODEL_FILE, RUN_CONFIG, complete_steps,
+                         latest_checkpoint, step_dir_name)
+from ..atomic import fsync_dir, fsync_tree, write_text_atomic
 from ..errors import UserError
-from ..model import CONFIG_FILE, save_model
-from ..tokenizer import copy_tokenizer_files  # noqa: F401  (engine.py uses it as ckpt.copy_tokenizer_files)
+from ..model import save_model
+from ..tokenizer import copy_tokenizer_files
 
-COMPLETE = "COMPLETE"
-LATEST = "latest"
-STEP_RE = re.compile(r"^step_(\d{7,})$")
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "zero"
+TRAINER_STATE = "trainer.json"
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
+def state_file(ckpt: Path, name: str) -> Path:
+    """The file of one named piece of training state (optimizer, scheduler, scaler, objective,
+    rng_rank{R}) in a checkpoint: the engine names pieces, this module owns where they live."""
+    return ckpt / "state" / f"{name}.pt"
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+def has_state(ckpt: Path, name: str) -> bool:
+    return state_file(ckpt, name).is_file()
 
 
-def _fsync_dir(path: Path) -> None:
+def prepare_run_dir(out: Path, config: dict, tokenizer_dir: Path | None) -> None:
+    """A fresh or resumed run directory: its full config (RUN/config.yaml) and tokenizer files."""
+    import yaml
+
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / RUN_CONFIG, yaml.safe_dump(config, sort_keys=False))
+        copy_tokenizer_files(tokenizer_dir, out / "tokenizer")
+    except OSError as exc:  # checked before any training: an unwritable --out fails in seconds
+        raise UserError(f"{exc.filename or out}: cannot write the run directory ({exc.strerror or exc})") from None
 
 
 def rng_state() -> dict:
@@ -90,6 +74,14 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng(ckpt: Path, rank: int) -> bool:
+    """This rank's RNG streams as saved; False when the checkpoint has none for it (more ranks now)."""
+    if not has_state(ckpt, f"rng_rank{rank}"):
+        return False
+    set_rng_state(load_state(ckpt, f"rng_rank{rank}"))
+    return True
 
 
 class CheckpointWriteError(UserError):
@@ -160,7 +152,7 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str | Path, rank: int = 0, keep_last: int = 3, barrier=lambda: None,
                  tokenizer_dir: Path | None = None):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Path(run_dir) / CHECKPOINTS
         self.rank, self.keep_last, self.barrier = rank, keep_last, barrier
         self.tokenizer_dir = tokenizer_dir
 
@@ -191,7 +183,7 @@ class CheckpointManager:
                 (tmp / "state").mkdir(parents=True)
 
         def write() -> None:
-            torch.save(rng_state(), tmp / "state" / f"rng_rank{self.rank}.pt")
+            torch.save(rng_state(), state_file(tmp, f"rng_rank{self.rank}"))
             if deepspeed_engine is not None:  # collective: every rank writes its ZeRO partition
                 deepspeed_engine.save_checkpoint(str(tmp / "state" / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                                  save_latest=False)
@@ -206,22 +198,22 @@ class CheckpointManager:
                 (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
             copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
             if optimizer_state is not None:
-                torch.save(optimizer_state, tmp / "state" / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "state" / "scheduler.pt")
+                torch.save(optimizer_state, state_file(tmp, "optimizer"))
+            torch.save(scheduler.state_dict(), state_file(tmp, "scheduler"))
             for name, obj in (extra_state or {}).items():
-                torch.save(obj, tmp / "state" / f"{name}.pt")
-            (tmp / "state" / "trainer.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+                torch.save(obj, state_file(tmp, name))
+            (tmp / "state" / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
 
         def publish() -> None:
             if self.rank != 0:
                 return
             _fault_point(step, "before_complete")
             (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if final.exists():  # a re-run of the same step after a resume: replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             _fault_point(step, "before_latest")
             write_text_atomic(self.root / LATEST, final.name + "\n")
             self._prune()
@@ -277,33 +269,6 @@ class CheckpointManager:
         return latest_checkpoint(self.root)
 
 
-def complete_steps(root: Path) -> list[int]:
-    """Step numbers of the complete checkpoints (COMPLETE marker written) under `root`, ascending."""
-    if not root.is_dir():
-        return []
-    steps = []
-    for p in root.iterdir():
-        m = STEP_RE.match(p.name)
-        if m and (p / COMPLETE).is_file():
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under `root` (a run's checkpoints/): `latest` if it names a
-    complete one, else the highest complete step directory (the pointer may lag a kill between
-    the rename and the pointer write). The one rule resume, export, evaluate and serve all use."""
-    steps = complete_steps(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text(encoding="utf-8").strip()
-        if (named / COMPLETE).is_file() and STEP_RE.match(named.name):
-            newest = max(steps) if steps else -1
-            if int(STEP_RE.match(named.name).group(1)) >= newest:
-                return named
-    return root / step_dir_name(steps[-1]) if steps else None
-
-
 def check_model_matches(ckpt: Path, model_cfg) -> None:
     """Resuming with another model shape is a user error, not a crash deep inside load_state_dict."""
     meta = json.loads((ckpt / "model" / CONFIG_FILE).read_text(encoding="utf-8"))["model"]
@@ -317,8 +282,6 @@ def check_model_matches(ckpt: Path, model_cfg) -> None:
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     from safetensors.torch import load_file
 
-    from ..model import MODEL_FILE
-
     state = load_file(str(ckpt / "model" / MODEL_FILE), device="cpu")
     if getattr(model.cfg, "tie_embeddings", False):
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -330,7 +293,7 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
 
 def load_state(ckpt: Path, name: str, map_location="cpu"):
     # our own files (optimizer/scheduler/RNG state, including numpy RNG tuples): full unpickling
-    return torch.load(ckpt / "state" / f"{name}.pt", map_location=map_location, weights_only=False)
+    return torch.load(state_file(ckpt, name), map_location=map_location, weights_only=False)
 
 
 def check_resume_topology(ckpt: Path, strategy: str, world: int) -> None:
@@ -343,7 +306,7 @@ def check_resume_topology(ckpt: Path, strategy: str, world: int) -> None:
     if strategy == "deepspeed" and not has_ds:
         raise UserError(f"{ckpt}: written under train.strategy={saved}, which DeepSpeed cannot resume; resume it with "
                         f"train.strategy={saved} (or start a new run from its model/ directory)")
-    if strategy != "deepspeed" and has_ds and not (ckpt / "state" / "optimizer.pt").is_file():
+    if strategy != "deepspeed" and has_ds and not has_state(ckpt, "optimizer"):
         raise UserError(f"{ckpt}: a DeepSpeed checkpoint; resume it with train.strategy=deepspeed at {saved_world} "
                         f"processes (or start a new run from its model/ directory)")
     if strategy == "deepspeed" and saved_world != world:
@@ -360,4 +323,4 @@ def load_deepspeed_state(ckpt: Path, engine) -> None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state" / "trainer.json").read_text(encoding="utf-8"))
+    return json.loads((ckpt / "state" / TRAINER_STATE).read_text(encoding="utf-8"))

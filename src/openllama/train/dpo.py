@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from ..config import Section
 from ..data.chat import EpochBatches
 from ..data.preference import EncodedPair, collate_pairs
+from ..labels import sequence_logprobs
 from .engine import OptimConfig, TrainConfig
-from .logprobs import sequence_logprobs
 from .lora import LoraConfig, LoraLlama
-from .reward import PreferenceData, start_preference_stage
-from .sft import run_stage, stage_command
+from .objectives import Objective
+from .stage import PreferenceData, run_stage, stage_command, start_preference_stage
 
 
 class DPOConfig(Section):
@@ -84,7 +84,7 @@ def unshard_rows(gathered: torch.Tensor, n: int, world: int) -> torch.Tensor:
     return gathered.view(world, per_rank, *gathered.shape[1:]).transpose(0, 1).reshape(-1, *gathered.shape[1:])[:n]
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     """Preference pairs -> the DPO loss of the policy against a frozen reference. The reference
     goes to the device in `setup` (called by the engine once Accelerate exists); with
     `precompute` the ranks score the pairs between them there and the reference is dropped."""

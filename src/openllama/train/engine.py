@@ -1,17 +1,11 @@
 """The one training loop. Every stage (pretrain, sft, reward, dpo, grpo) calls `train` with its model
-and an objective; only the objective knows what a batch holds and what its loss is.
+and an `Objective` (objectives.py): only the objective knows what a batch holds and what its loss is.
 
-An objective (see docs/architecture.md):
-    train_batches(rank, world) -> iterator of dict batches, with state_dict()/load_state_dict()
-    loss(model, batch) -> (loss tensor, metrics: dict[str, float], n_tokens: int processed)
-    evaluate(model) -> dict[str, float]                  optional, called under no_grad in eval mode
-    state_dict() / load_state_dict(state)                optional, saved in checkpoints
-    setup(accelerator)                                   optional, once before training (e.g. move a
-                                                          frozen reference model to the device)
-
-`train` owns the rest: Accelerate (device, precision, DDP under torchrun), AdamW, the lr schedule,
-gradient accumulation and clipping, torch.compile, activation checkpointing, the divergence guard,
-progress bar, metrics.jsonl, trackers, periodic evaluation and atomic checkpoints with exact resume.
+`train` owns the rest, in parts: `_start` (Accelerate, run directory, starting weights, the model
+prepared for DDP / FSDP2 / DeepSpeed, optimizer and schedule), `_restore` (exact resume),
+`_train_step` (accumulation, clipping, one all-reduce of the numbers), `_apply_update`, `_Reporter`
+(metrics.jsonl, progress bar, trackers, tokens/s and MFU), `_evaluate` and `_save` (atomic
+checkpoints, checkpoint.py).
 """
 
 from __future__ import annotations
@@ -20,19 +14,22 @@ import contextlib
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import Field, model_validator
 
-from ..config import Precision, Section, dump_config
+from ..artifacts import METRICS_FILE
+from ..config import Precision, Section, dump_config, flatten
 from ..errors import UserError
+from ..model import flops_per_token
 from . import checkpoint as ckpt
 from .distributed import (all_reduce_sum, check_launch, check_world, deepspeed_plugin, load_optimizer_state, scalar,
                           shard_model)
 from .metrics import MetricsLog, SpikeDetector, Throughput, measure_cpu_matmul_peak, peak_flops, truncate_metrics
+from .objectives import Objective
 from .schedule import lr_multiplier
 
 # ----------------------------------------------------------------------------------------------
@@ -89,47 +86,6 @@ class TrainConfig(Section):
         return self
 
 
-# what a resumed run may change: how long it runs (extend max_steps, stop earlier with halt_at_step), how
-# it is laid out on the hardware and how often it saves/logs/evaluates, none of which changes the weights'
-# trajectory (grad_accum_steps keeps the global batch when the world size changes; the data position
-# refuses a different one, see objectives.py)
-RUN_LENGTH_KEYS = ("train.max_steps", "train.max_tokens", "train.halt_at_step")
-LAYOUT_KEYS = ("train.grad_accum_steps", "train.strategy", "train.cpu", "train.compile",
-               "train.activation_checkpointing", "train.save_every", "train.keep_last", "train.eval_every",
-               "train.log_every", "train.trackers")
-
-
-def resume_config(cls: type, out: str | Path, config: str | Path | None, overrides: list[str] | None):
-    """The config of `--resume` (one rule): RUN/config.yaml, the config the run was started with,
-    plus `overrides`; or `config` + overrides, which must then agree with it. Either way only the
-    RUN_LENGTH_KEYS (and LAYOUT_KEYS) may differ from the saved config; anything else is a one-line
-    UserError. A run
-    without config.yaml yet (nothing was written) starts from `config`."""
-    from ..config import build, load_config, merge, parse_overrides, read_yaml
-
-    saved_file = Path(out) / "config.yaml"
-    if not saved_file.is_file():
-        if config is None:
-            raise UserError(f"{saved_file}: not found, so there is nothing to resume; give --config to start the run")
-        return load_config(cls, config, overrides)
-    saved = load_config(cls, saved_file)
-    # halt_at_step ends one invocation early: the saved one does not carry over to the next
-    data = read_yaml(config) if config is not None else merge(dump_config(saved), {"train": {"halt_at_step": None}})
-    extra = parse_overrides(overrides or [])
-    if {"max_steps", "max_tokens"} & set(extra.get("train", {})):  # a new length replaces the old one
-        data = merge(data, {"train": {"max_steps": None, "max_tokens": None}})
-    cfg = build(cls, merge(data, extra), str(config or saved_file))
-    ours, theirs = _flatten(dump_config(cfg)), _flatten(dump_config(saved))
-    free = RUN_LENGTH_KEYS + LAYOUT_KEYS
-    diff = [k for k in sorted(set(ours) | set(theirs)) if k not in free and ours.get(k) != theirs.get(k)]
-    if diff:
-        shown = ", ".join(f"{k}: run {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in diff[:3])
-        raise UserError(f"{saved_file}: --resume with a different config ({shown}); only the run length "
-                        f"({', '.join(RUN_LENGTH_KEYS)}), layout and save/log cadence may change; start a new "
-                        f"--out otherwise")
-    return cfg
-
-
 class TrainingDiverged(UserError):
     """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
 
@@ -171,19 +127,6 @@ def total_steps(tc: TrainConfig, world: int) -> int:
         return tc.max_steps
     per_step = tc.micro_batch_size * tc.grad_accum_steps * world * tc.seq_len
     return max(1, math.ceil(tc.max_tokens / per_step))
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -235,26 +178,56 @@ def _make_accelerator(tc: TrainConfig, oc: OptimConfig, out: Path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# A run: what the loop works on, built once
 
 
-def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, resume: bool = False,
-          tokenizer_dir: str | Path | None = None, progress: bool = True, eval_at_start: bool = False) -> dict[str, Any]:
-    """Train `model` on `objective` with `cfg.train` and `cfg.optim`; returns a summary dict
-    (`step`, `tokens_seen`, `loss`, `checkpoint`, `eval`). `cfg` is the stage's full config and is
-    written to RUN/config.yaml; `tokenizer_dir` files are copied into the run and every checkpoint."""
-    tc: TrainConfig = cfg.train
-    oc: OptimConfig = cfg.optim
-    out = Path(out_dir)
-    if tc.strategy == "fsdp2" and getattr(objective, "needs_full_model", False):
+@dataclass
+class _Run:
+    tc: TrainConfig
+    oc: OptimConfig
+    accelerator: Any
+    strategy: str  # ddp | fsdp2 | deepspeed, as resolved for this launch
+    raw_model: torch.nn.Module  # holds the trained parameters themselves (DDP / compile only wrap it)
+    model: torch.nn.Module  # what forward and backward go through
+    optimizer: Any
+    scheduler: Any
+    ds_engine: Any  # DeepSpeed's engine (owns accumulation, clipping and the step), else None
+    manager: ckpt.CheckpointManager
+    steps_total: int
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def _start(cfg: Section, model: torch.nn.Module, objective: Objective, out: Path, resume: bool,
+           tokenizer_dir: str | Path | None) -> tuple[_Run, Path | None]:
+    """Accelerate, the run directory, the starting weights (a checkpoint's when resuming), then the
+    model prepared for the strategy with its optimizer and schedule. -> (run, checkpoint to resume)."""
+    from accelerate.utils import set_seed
+
+    tc, oc = cfg.train, cfg.optim
+    if tc.strategy == "fsdp2" and objective.needs_full_model:
         # it samples from the model: ranks decode different numbers of steps, and a sharded
         # model's all-gathers would then never match up (a hang, not an error)
         raise UserError(f"train.strategy=fsdp2: {type(objective).__name__} generates with the model, which a "
                         f"sharded model cannot do rank by rank; use train.strategy=ddp")
     accelerator, strategy = _make_accelerator(tc, oc, out)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    device = accelerator.device
-    manager = ckpt.CheckpointManager(out, rank=rank, keep_last=tc.keep_last, barrier=accelerator.wait_for_everyone,
+    main = accelerator.is_main_process
+    manager = ckpt.CheckpointManager(out, rank=accelerator.process_index, keep_last=tc.keep_last,
+                                     barrier=accelerator.wait_for_everyone,
                                      tokenizer_dir=Path(tokenizer_dir) if tokenizer_dir else None)
     latest = manager.latest() if resume else None
     if not resume and manager.complete_steps():
@@ -262,24 +235,23 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
     if resume and latest is None and main:
         print(f"note: {out} has no complete checkpoint yet; starting from step 0")
     if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            ckpt.write_text_atomic(out / "config.yaml", yaml.safe_dump(dump_config(cfg), sort_keys=False))
-            ckpt.copy_tokenizer_files(manager.tokenizer_dir, out / "tokenizer")
-        except OSError as exc:  # checked before any training: an unwritable --out fails in seconds
-            raise UserError(f"{exc.filename or out}: cannot write the run directory ({exc.strerror or exc})") from None
+        ckpt.prepare_run_dir(out, dump_config(cfg), manager.tokenizer_dir)
     accelerator.wait_for_everyone()
-
-    from accelerate.utils import set_seed
-
     set_seed(tc.seed)
-    raw_model = model
     if latest is not None:
-        ckpt.check_model_matches(latest, raw_model.cfg)
-        if hasattr(raw_model, "load_checkpoint"):  # a wrapper restores what its save_checkpoint wrote
-            raw_model.load_checkpoint(latest / "model")
+        ckpt.check_model_matches(latest, model.cfg)
+        if hasattr(model, "load_checkpoint"):  # a wrapper (LoRA, reward head) restores what it saved
+            model.load_checkpoint(latest / "model")
         else:
-            ckpt.load_weights(latest, raw_model)
+            ckpt.load_weights(latest, model)
+    run = _prepare_model(tc, oc, accelerator, strategy, model, manager)
+    objective.setup(accelerator)
+    return run, latest
+
+
+def _prepare_model(tc: TrainConfig, oc: OptimConfig, accelerator, strategy: str, raw_model: torch.nn.Module,
+                   manager: ckpt.CheckpointManager) -> _Run:
+    device = accelerator.device
     raw_model.to(device)
     raw_model.gradient_checkpointing = tc.activation_checkpointing
     if strategy == "fsdp2":  # shard first: the optimizer must hold the sharded parameters
@@ -287,198 +259,275 @@ def train(cfg: Section, model: torch.nn.Module, objective, out_dir: str | Path, 
         shard_model(raw_model, device, resolve_precision(tc),
                     reshard_after_forward=getattr(plugin, "reshard_after_forward", True) is not False)
     optimizer = build_optimizer(raw_model, oc, device)
-    steps_total = total_steps(tc, world)
+    steps_total = total_steps(tc, accelerator.num_processes)
+    # not prepared: Accelerate would step it once per process
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
         s, steps_total, oc.schedule, oc.warmup_steps, oc.min_lr_ratio, oc.decay_fraction))
-    # the scheduler is not prepared: Accelerate would step it once per process
     if strategy == "fsdp2":  # not prepared: under MULTI_CPU Accelerate would wrap the FSDP2 model in DDP
-        model_p = raw_model
+        model = raw_model
     else:
-        model_p, optimizer = accelerator.prepare(raw_model, optimizer)
-    ds_engine = model_p if strategy == "deepspeed" else None  # DeepSpeed's engine: owns accumulation, clip, step
+        model, optimizer = accelerator.prepare(raw_model, optimizer)
+    ds_engine = model if strategy == "deepspeed" else None
     if tc.compile:
-        model_p = torch.compile(model_p)
-    if hasattr(objective, "setup"):
-        objective.setup(accelerator)
+        model = torch.compile(model)
+    return _Run(tc, oc, accelerator, strategy, raw_model, model, optimizer, scheduler, ds_engine, manager, steps_total)
 
-    set_seed(tc.seed + rank)  # each rank draws its own dropout masks (restored per rank on resume)
-    batches = objective.train_batches(rank, world)
-    step, tokens_seen, spikes = 0, 0, SpikeDetector(tc.spike_factor)
-    if latest is not None:
-        ckpt.check_resume_topology(latest, strategy, world)
-        if ds_engine is not None:
-            ckpt.load_deepspeed_state(latest, ds_engine)
-        else:
-            load_optimizer_state(raw_model, getattr(optimizer, "optimizer", optimizer),
-                                 ckpt.load_state(latest, "optimizer"))
-        scheduler.load_state_dict(ckpt.load_state(latest, "scheduler"))
-        if accelerator.scaler is not None and (latest / "state" / "scaler.pt").is_file():
-            accelerator.scaler.load_state_dict(ckpt.load_state(latest, "scaler"))
-        state = ckpt.load_trainer_state(latest)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        batches.load_state_dict(state["data"])
-        if (latest / "state" / "objective.pt").is_file() and hasattr(objective, "load_state_dict"):
-            objective.load_state_dict(ckpt.load_state(latest, "objective"))
-        spikes.ema, spikes.count = state.get("spike_ema"), state.get("spike_count", 0)
-        rng_file = latest / "state" / f"rng_rank{rank}.pt"
-        if rng_file.is_file():
-            ckpt.set_rng_state(ckpt.load_state(latest, f"rng_rank{rank}"))
-        else:  # resumed on more ranks than saved: a fresh, still deterministic stream
-            set_seed(tc.seed + 1000 * step + rank)
-        if main:
-            truncate_metrics(out / "metrics.jsonl", step)
 
-    log = MetricsLog(out / "metrics.jsonl", enabled=main)
-    if tc.trackers:
-        accelerator.init_trackers(out.name or "openllama", config=_flatten(dump_config(cfg)))
-    flops_tok = None
-    if hasattr(raw_model, "cfg"):
-        from ..model import flops_per_token
+def _restore(run: _Run, latest: Path, objective: Objective, batches, spikes: SpikeDetector) -> tuple[int, int]:
+    """Optimizer, schedule, scaler, data position, objective state and this rank's RNG as saved.
+    -> (step, tokens seen)."""
+    from accelerate.utils import set_seed
 
-        flops_tok = flops_per_token(raw_model.cfg, tc.seq_len)
-    peak = peak_flops(device, torch.bfloat16 if resolve_precision(tc) == "bf16" else torch.float32) if main else None
-    log.write({"kind": "event", "step": step, "event": "resume" if latest else "start", "world": world,
-               "strategy": strategy,
-               "device": str(device), "precision": resolve_precision(tc), "max_steps": steps_total,
-               "peak_flops": peak})
+    ckpt.check_resume_topology(latest, run.strategy, run.world)
+    if run.ds_engine is not None:
+        ckpt.load_deepspeed_state(latest, run.ds_engine)
+    else:
+        load_optimizer_state(run.raw_model, getattr(run.optimizer, "optimizer", run.optimizer),
+                             ckpt.load_state(latest, "optimizer"))
+    run.scheduler.load_state_dict(ckpt.load_state(latest, "scheduler"))
+    scaler = run.accelerator.scaler
+    if scaler is not None and ckpt.has_state(latest, "scaler"):
+        scaler.load_state_dict(ckpt.load_state(latest, "scaler"))
+    state = ckpt.load_trainer_state(latest)
+    batches.load_state_dict(state["data"])
+    if ckpt.has_state(latest, "objective"):
+        objective.load_state_dict(ckpt.load_state(latest, "objective"))
+    spikes.ema, spikes.count = state.get("spike_ema"), state.get("spike_count", 0)
+    if not ckpt.restore_rng(latest, run.rank):  # resumed on more ranks than saved: a fresh, deterministic stream
+        set_seed(run.tc.seed + 1000 * state["step"] + run.rank)
+    return state["step"], state["tokens_seen"]
 
-    halt = min(steps_total, tc.halt_at_step or steps_total)
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps_total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    speed = Throughput()
-    nonfinite_run, last_loss, last_eval = 0, float("nan"), {}
-    saved = latest
+# ----------------------------------------------------------------------------------------------
+# One optimizer step
 
-    def save(at: int) -> Path:
-        trainer_state = {"step": at, "tokens_seen": tokens_seen, "world": world, "strategy": strategy,
-                         "data": batches.state_dict(),
-                         "spike_ema": spikes.ema, "spike_count": spikes.count}
-        extra = {}
-        if accelerator.scaler is not None:
-            extra["scaler"] = accelerator.scaler.state_dict()
-        if hasattr(objective, "state_dict"):
-            extra["objective"] = objective.state_dict()
-        # raw_model holds the trained parameters themselves (DDP / compile only wrap it)
-        return manager.save(at, raw_model, optimizer, scheduler, trainer_state, extra, deepspeed_engine=ds_engine)
 
-    def evaluate(at: int) -> dict:
-        if not hasattr(objective, "evaluate"):
-            return {}
-        raw_model.eval()
-        with torch.no_grad(), accelerator.autocast():
-            results = {k: float(v) for k, v in objective.evaluate(raw_model).items()}
-        raw_model.train()
-        log.write({"kind": "eval", "step": at, **results})
-        if tc.trackers:
-            accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=at)
-        if bar is not None:
-            bar.write(f"step {at}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-        return results
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and ranks
+    tokens: int  # processed by all ranks
+    metrics: dict[str, float]  # the objective's, averaged like the loss
+    grad_norm: float
 
-    # the starting model, evaluated like every later evaluation (eval_at_start; fresh runs only)
-    start_eval = evaluate(0) if eval_at_start and latest is None else None
-    model_p.train()
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+def _micro_step(run: _Run, objective: Objective, batch: dict, last: bool):
+    """Forward and backward of one micro-batch, accumulating gradients the way the strategy does."""
+    if run.strategy == "fsdp2":  # reduce-scatter gradients once, after the last micro-batch
+        run.model.set_requires_gradient_sync(last)
+    if run.ds_engine is not None:  # DeepSpeed scales by 1/accumulation, reduces and steps at the boundary
+        run.ds_engine.set_gradient_accumulation_boundary(last)
+        loss, metrics, n = objective.loss(run.model, batch)
+        run.ds_engine.backward(loss)
+        run.ds_engine.step()  # clips to optim.grad_clip; skips the update on a non-finite gradient norm
+        return loss, metrics, n
+    sync = last or run.strategy == "fsdp2"
+    with contextlib.nullcontext() if sync else run.accelerator.no_sync(run.model):
+        loss, metrics, n = objective.loss(run.model, batch)
+        run.accelerator.backward(loss / run.tc.grad_accum_steps)
+    return loss, metrics, n
+
+
+def _grad_norm(run: _Run) -> float:
+    """The global gradient norm, clipped to optim.grad_clip (DeepSpeed clipped it already)."""
+    if run.ds_engine is not None:  # the norm DeepSpeed clipped with (inf when it skipped the update)
+        norm = run.ds_engine.get_global_grad_norm()
+        return float("nan") if norm is None else scalar(norm)
+    limit = run.oc.grad_clip or float("inf")
+    if run.strategy == "fsdp2":  # DTensor-aware; Accelerate's version looks for models it prepared
+        return scalar(torch.nn.utils.clip_grad_norm_(run.model.parameters(), limit))
+    return scalar(run.accelerator.clip_grad_norm_(run.model.parameters(), limit))
+
+
+def _train_step(run: _Run, objective: Objective, batches) -> StepResult:
+    """Accumulate gradients over the micro-batches, clip, and average the numbers over ranks with
+    one all-reduce (loss, tokens and the objective's metrics together). No update yet."""
+    accum = run.tc.grad_accum_steps
+    loss_sum = torch.zeros((), device=run.device, dtype=torch.float32)
+    n_tokens, sums = 0, {}
+    for micro in range(accum):
+        loss, metrics, n = _micro_step(run, objective, _to_device(next(batches), run.device), micro == accum - 1)
+        loss_sum += loss.detach().float()
+        n_tokens += int(n)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    grad_norm = _grad_norm(run)
+    keys = sorted(sums)
+    packed = torch.tensor([float(n_tokens)] + [sums[k] for k in keys], device=run.device, dtype=torch.float64)
+    packed = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), packed]))
+    per = accum * run.world
+    return StepResult(float(packed[0]) / per, int(packed[1]),
+                      {k: float(packed[2 + i]) / per for i, k in enumerate(keys)}, grad_norm)
+
+
+def _apply_update(run: _Run, finite: bool) -> None:
+    """The optimizer step (skipped on a non-finite loss or norm), then the schedule moves on."""
+    if run.ds_engine is None:  # DeepSpeed stepped inside ds_engine.step() already
+        if finite:
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the numbers go
+
+
+class _Reporter:
+    """The sinks of a run's numbers: metrics.jsonl (every step), the progress bar and the trackers
+    (every log_every steps), with tokens/s and MFU computed once for all of them."""
+
+    def __init__(self, cfg: Section, run: _Run, out: Path, step: int, progress: bool):
+        self.run, self.tc = run, run.tc
+        self.log = MetricsLog(out / METRICS_FILE, enabled=run.main)
+        if self.tc.trackers:
+            run.accelerator.init_trackers(out.name or "openllama", config=_tracker_config(cfg))
+        self.flops_tok = flops_per_token(run.raw_model.cfg, self.tc.seq_len) if hasattr(run.raw_model, "cfg") else None
+        bf16 = resolve_precision(self.tc) == "bf16"
+        self.peak = peak_flops(run.device, torch.bfloat16 if bf16 else torch.float32) if run.main else None
+        self.speed = Throughput()
+        self.bar = None
+        if progress and run.main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=run.steps_total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def event(self, step: int, event: str) -> None:
+        self.log.write({"kind": "event", "step": step, "event": event, "world": self.run.world,
+                        "strategy": self.run.strategy, "device": str(self.run.device),
+                        "precision": resolve_precision(self.tc), "max_steps": self.run.steps_total,
+                        "peak_flops": self.peak})
+
+    def _mfu(self, tok_s: float) -> float | None:
+        if not (self.flops_tok and self.peak):
+            return None
+        mfu = tok_s * self.flops_tok / (self.peak * self.run.world)
+        if mfu > 1 and self.run.device.type == "cpu":
+            # the CPU peak was measured while something else loaded the machine: measure again
+            self.peak = max(self.peak, measure_cpu_matmul_peak(refresh=True))
+            mfu = tok_s * self.flops_tok / (self.peak * self.run.world)
+        return mfu
+
+    def step(self, step: int, r: StepResult, lr: float, seconds: float, tokens_seen: int, spike: bool) -> None:
+        tok_s = self.speed.update(seconds, r.tokens)
+        mfu = self._mfu(tok_s)
+        record = {"kind": "train", "step": step, "loss": r.loss, "lr": lr, "grad_norm": r.grad_norm,
+                  "tokens": r.tokens, "tokens_seen": tokens_seen, "tokens_per_s": tok_s, "mfu": mfu,
+                  "step_time": seconds, **r.metrics}
+        if not r.finite:
+            record["skipped"] = True
+        if spike:  # only recorded: on mixed data spikes are common
+            record["spike"] = True
+        self.log.write(record)
+        halt = min(self.run.steps_total, self.tc.halt_at_step or self.run.steps_total)
+        periodic = step % self.tc.log_every == 0 or step == halt
+        if self.bar is not None:
+            self.bar.update(1)
+            if not r.finite:
+                self.bar.write(f"step {step}: non-finite loss/grad, update skipped"
+                               f" (loss {r.loss:.4g}, grad norm {r.grad_norm:.4g})")
+            if periodic:
+                post = {"loss": f"{r.loss:.4f}", "tok/s": f"{tok_s:,.0f}"}
+                if mfu is not None:
+                    post["mfu"] = f"{100 * mfu:.1f}%"
+                self.bar.set_postfix(post, refresh=False)
+        if self.tc.trackers and periodic:
+            self.run.accelerator.log({"train/loss": r.loss, "train/lr": lr, "train/grad_norm": r.grad_norm,
+                                      "train/tokens_per_s": tok_s, **{f"train/{k}": v for k, v in r.metrics.items()}},
+                                     step=step)
+
+    def evaluation(self, step: int, results: dict[str, float]) -> None:
+        self.log.write({"kind": "eval", "step": step, **results})
+        if self.tc.trackers:
+            self.run.accelerator.log({f"eval/{k}": v for k, v in results.items()}, step=step)
+        if self.bar is not None:
+            self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.log.close()
+        if self.tc.trackers:
+            self.run.accelerator.end_training()
+
+
+def _tracker_config(cfg: Section) -> dict[str, Any]:
+    """The run's config as the flat scalar dict trackers take (lists and None as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(dump_config(cfg)).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def _evaluate(run: _Run, objective: Objective, report: _Reporter, step: int) -> dict[str, float]:
+    run.raw_model.eval()
+    with torch.no_grad(), run.accelerator.autocast():
+        results = {k: float(v) for k, v in objective.evaluate(run.raw_model).items()}
+    run.raw_model.train()
+    if results:
+        report.evaluation(step, results)
+    return results
+
+
+def _save(run: _Run, objective: Objective, batches, step: int, tokens_seen: int, spikes: SpikeDetector) -> Path:
+    trainer_state = {"step": step, "tokens_seen": tokens_seen, "world": run.world, "strategy": run.strategy,
+                     "data": batches.state_dict(), "spike_ema": spikes.ema, "spike_count": spikes.count}
+    extra = {}
+    if run.accelerator.scaler is not None:
+        extra["scaler"] = run.accelerator.scaler.state_dict()
+    objective_state = objective.state_dict()
+    if objective_state is not None:
+        extra["objective"] = objective_state
+    return run.manager.save(step, run.raw_model, run.optimizer, run.scheduler, trainer_state, extra,
+                            deepspeed_engine=run.ds_engine)
+
+
+def train(cfg: Section, model: torch.nn.Module, objective: Objective, out_dir: str | Path, resume: bool = False,
+          tokenizer_dir: str | Path | None = None, progress: bool = True, eval_at_start: bool = False) -> dict[str, Any]:
+    """Train `model` on `objective` with `cfg.train` and `cfg.optim`; returns a summary dict
+    (`step`, `tokens_seen`, `loss`, `checkpoint`, `eval`). `cfg` is the stage's full config and is
+    written to RUN/config.yaml; `tokenizer_dir` files are copied into the run and every checkpoint.
+    `eval_at_start`: a fresh run evaluates the starting model at step 0 (`summary["eval_start"]`)."""
+    from accelerate.utils import set_seed
+
+    out = Path(out_dir)
+    run, latest = _start(cfg, model, objective, out, resume, tokenizer_dir)
+    tc = run.tc
+    set_seed(tc.seed + run.rank)  # each rank draws its own dropout masks (restored per rank on resume)
+    batches = objective.train_batches(run.rank, run.world)
+    spikes = SpikeDetector(tc.spike_factor)
+    step, tokens_seen = _restore(run, latest, objective, batches, spikes) if latest is not None else (0, 0)
+    if latest is not None and run.main:
+        truncate_metrics(out / METRICS_FILE, step)  # the steps after the checkpoint are run again
+    report = _Reporter(cfg, run, out, step, progress)
+    report.event(step, "resume" if latest else "start")
+    halt = min(run.steps_total, tc.halt_at_step or run.steps_total)
+    saved, last_eval, last_loss, nonfinite_run = latest, {}, float("nan"), 0
+    start_eval = _evaluate(run, objective, report, 0) if eval_at_start and latest is None else None
+    run.model.train()
     try:
         while step < halt:
-            t0 = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            sums: dict[str, float] = {}
-            loss_sum = torch.zeros((), device=device, dtype=torch.float32)
-            n_tokens = 0
-            for micro in range(tc.grad_accum_steps):
-                batch = _to_device(next(batches), device)
-                last = micro == tc.grad_accum_steps - 1
-                if strategy == "fsdp2":  # reduce-scatter gradients once, after the last micro-batch
-                    model_p.set_requires_gradient_sync(last)
-                if ds_engine is not None:  # DeepSpeed scales by 1/accumulation, reduces and steps at the boundary
-                    ds_engine.set_gradient_accumulation_boundary(last)
-                    loss, metrics, n = objective.loss(model_p, batch)
-                    ds_engine.backward(loss)
-                    ds_engine.step()  # clips to optim.grad_clip; skips the update on a non-finite gradient norm
-                else:
-                    with contextlib.nullcontext() if last or strategy == "fsdp2" else accelerator.no_sync(model_p):
-                        loss, metrics, n = objective.loss(model_p, batch)
-                        accelerator.backward(loss / tc.grad_accum_steps)
-                loss_sum += loss.detach().float()
-                n_tokens += int(n)
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            if ds_engine is not None:  # the norm DeepSpeed clipped with (inf when it skipped the update)
-                grad_norm = ds_engine.get_global_grad_norm()
-                grad_norm = float("nan") if grad_norm is None else grad_norm
-            elif strategy == "fsdp2":  # DTensor-aware; Accelerate's version looks for models it prepared
-                grad_norm = torch.nn.utils.clip_grad_norm_(model_p.parameters(), oc.grad_clip or float("inf"))
-            else:
-                grad_norm = accelerator.clip_grad_norm_(model_p.parameters(), oc.grad_clip or float("inf"))
-            # one all-reduce for loss, tokens and the objective's metrics (the same on every rank after)
-            keys = sorted(sums)
-            packed = torch.tensor([float(n_tokens)] + [sums[k] for k in keys], device=device, dtype=torch.float64)
-            packed = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), packed]))
-            loss_value = float(packed[0]) / (tc.grad_accum_steps * world)
-            step_tokens = int(packed[1])
-            metric_values = {k: float(packed[2 + i]) / (tc.grad_accum_steps * world) for i, k in enumerate(keys)}
-            grad_norm_value = scalar(grad_norm)
-            finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
-            if finite:
-                if ds_engine is None:  # DeepSpeed stepped inside ds_engine.step() already
-                    optimizer.step()
-                nonfinite_run = 0
-            else:
-                nonfinite_run += 1
-            if ds_engine is None:
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            tokens_seen += step_tokens
-            last_loss = loss_value
-            seconds = time.perf_counter() - t0
-            tok_s = speed.update(seconds, step_tokens)
-            mfu = tok_s * flops_tok / (peak * world) if (flops_tok and peak) else None
-            if mfu is not None and mfu > 1 and device.type == "cpu":
-                # the CPU peak was measured while something else loaded the machine: measure again
-                peak = max(peak, measure_cpu_matmul_peak(refresh=True))
-                mfu = tok_s * flops_tok / (peak * world)
-            spike = finite and spikes.update(loss_value)
-            record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
-                      "tokens": step_tokens, "tokens_seen": tokens_seen, "tokens_per_s": tok_s, "mfu": mfu,
-                      "step_time": seconds, **metric_values}
-            if not finite:
-                record["skipped"] = True
-            if spike:
-                record["spike"] = True
-            log.write(record)
-            if bar is not None:
-                bar.update(1)
-                if not finite:  # spikes are only recorded (metrics.jsonl): on mixed data they are common
-                    bar.write(f"step {step}: non-finite loss/grad, update skipped"
-                              f" (loss {loss_value:.4g}, grad norm {grad_norm_value:.4g})")
-                if step % tc.log_every == 0 or step == halt:
-                    post = {"loss": f"{loss_value:.4f}", "tok/s": f"{tok_s:,.0f}"}
-                    if mfu is not None:
-                        post["mfu"] = f"{100 * mfu:.1f}%"
-                    bar.set_postfix(post, refresh=False)
-            if tc.trackers and (step % tc.log_every == 0 or step == halt):
-                accelerator.log({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm_value,
-                                 "train/tokens_per_s": tok_s, **{f"train/{k}": v for k, v in metric_values.items()}},
-                                step=step)
+            t0, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
+            result = _train_step(run, objective, batches)
+            _apply_update(run, result.finite)
+            nonfinite_run = 0 if result.finite else nonfinite_run + 1
+            step, tokens_seen, last_loss = step + 1, tokens_seen + result.tokens, result.loss
+            spike = result.finite and spikes.update(result.loss)
+            report.step(step, result, lr, time.perf_counter() - t0, tokens_seen, spike)
             if nonfinite_run >= tc.max_nonfinite_in_a_row:
-                where = saved if saved is not None else "none (no checkpoint was written)"
                 raise TrainingDiverged(
                     f"training diverged: {nonfinite_run} steps in a row with a non-finite loss or gradient norm "
-                    f"(up to step {step}); last good checkpoint: {where}. Lower optim.lr, raise "
-                    f"optim.warmup_steps or set optim.grad_clip")
-            if (tc.eval_every and step % tc.eval_every == 0) or step == steps_total:
-                last_eval = evaluate(step)
+                    f"(up to step {step}); last good checkpoint: {saved or 'none (no checkpoint was written)'}. "
+                    f"Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip")
+            if (tc.eval_every and step % tc.eval_every == 0) or step == run.steps_total:
+                last_eval = _evaluate(run, objective, report, step)
             if (tc.save_every and step % tc.save_every == 0) or step == halt:
-                saved = save(step)
+                saved = _save(run, objective, batches, step, tokens_seen, spikes)
     finally:
-        if bar is not None:
-            bar.close()
-        log.close()
-        if tc.trackers:
-            accelerator.end_training()
+        report.close()
     return {"step": step, "tokens_seen": tokens_seen, "loss": last_loss, "checkpoint": str(saved) if saved else None,
-            "eval": last_eval, "max_steps": steps_total, "eval_start": start_eval}
+            "eval": last_eval, "max_steps": run.steps_total, "eval_start": start_eval}

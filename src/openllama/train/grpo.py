@@ -18,6 +18,7 @@ or any chat format whose last assistant turn is taken as the answer.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,15 +26,17 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from ..chat_template import ChatTemplate
 from ..config import Section
-from ..data.chat import IGNORE_INDEX, ChatTemplate, EpochBatches, ReadReport, RecordError, read_records
+from ..data.chat import EpochBatches, ReadReport, RecordError, read_records
 from ..errors import UserError
+from ..labels import IGNORE_INDEX, next_token_targets, token_logprobs
 from ..tasks import is_correct
 from .engine import OptimConfig, TrainConfig
-from .logprobs import next_token_targets, token_logprobs
 from .lora import LoraConfig, LoraLlama
-from .reward import SCORE_FILE
-from .sft import load_start, run_stage, run_template, split_held_out, stage_command
+from .objectives import Objective
+from .reward_model import SCORE_FILE, load_reward_model
+from .stage import is_main, load_start, read_files, run_stage, run_template, split_held_out, stage_command
 
 
 class GRPOConfig(Section):
@@ -81,16 +84,14 @@ def read_prompt(record: Any) -> RLPrompt:
 
 def read_prompts(path: str | Path, on_error: str = "raise", report: ReadReport | None = None) -> list[RLPrompt]:
     """Prompts with reference answers: {"prompt", "answer"} or {"messages"} (last turn = answer)."""
-    report = report if report is not None else ReadReport(format="rl")
+    report = report if report is not None else ReadReport()
+    report.format = "rl"
     out = []
     for where, record, _ in read_records(path, RL_FORMAT, "prompt", lambda record: None, on_error, report):
         try:
             out.append(read_prompt(record))
         except RecordError as exc:
-            msg = f"{path}: {where}: {exc} (expected keys prompt + answer, or messages)"
-            if on_error == "raise":
-                raise UserError(msg) from None
-            report.skipped.append(msg)
+            report.malformed(f"{where}: {exc} (expected keys prompt + answer, or messages)", on_error)
     return out
 
 
@@ -121,7 +122,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return per_seq.mean(), {"kl": kl_mean.item()}
 
 
-class GRPOObjective:
+class GRPOObjective(Objective):
     # it samples from the model, which a sharded (FSDP2) model cannot do rank by rank (see engine)
     needs_full_model = True
 
@@ -232,8 +233,6 @@ class GRPOStageConfig(Section):
 
 def reward_model_fn(path: str, template: ChatTemplate, tokenizer: Any, device: torch.device | str = "cpu"):
     """A reward function backed by a trained reward model directory, loaded on `device`."""
-    from .reward import load_reward_model
-
     rm = load_reward_model(path, device)
 
     @torch.no_grad()
@@ -258,16 +257,16 @@ def grpo(cfg: GRPOStageConfig, out, resume: bool = False, progress: bool = True)
                         f"use exact_match or a model dir from `openllama reward`")
     model, tok, tok_dir = load_start(cfg.init)
     template, run_tok_dir = run_template(cfg.data.template, tok, tok_dir, out)
-    reads = [ReadReport(format="rl") for _ in cfg.data.train]
-    prompts = [p for path, r in zip(cfg.data.train, reads) for p in read_prompts(path, cfg.data.on_error, r)]
+    prompts, report = read_files(cfg.data.train, read_prompts, on_error=cfg.data.on_error)
     if cfg.data.valid:
-        held = [p for path in cfg.data.valid for p in read_prompts(path, cfg.data.on_error)]
+        held, _ = read_files(cfg.data.valid, read_prompts, on_error=cfg.data.on_error)
     else:
         prompts, held = split_held_out(prompts, cfg.data.valid_fraction, cfg.train.seed)
     objective = GRPOObjective(prompts, held, model, tok, template, cfg.grpo, cfg.train.micro_batch_size,
                               cfg.train.seed, reward_model=reward_model)
-    report = {"files": [{"path": p, "records": r.records, "skipped": len(r.skipped)} for p, r in zip(cfg.data.train, reads)],
-              "prompts": len(objective.prompts), "held_out": len(objective.held_out)}
+    report.update(prompts=len(objective.prompts), held_out=len(objective.held_out))
+    if is_main():
+        print(f"grpo data: {json.dumps(report)}")
     if cfg.lora.enabled:
         model = LoraLlama(model, cfg.lora)
     return run_stage(cfg, model, objective, out, resume, run_tok_dir, progress, report)

@@ -1,22 +1,56 @@
 """Objectives: what a batch holds and what its loss is. The loop itself is in engine.py.
 
-This module holds the pretraining objective (next-token cross-entropy over packed, document-masked
-windows of token shards). Later stages (sft, reward, dpo, grpo) add theirs beside it with the same
-shape: `train_batches(rank, world)`, `loss(model, batch)`, optionally `evaluate(model)`.
+`Objective` is the contract every stage's objective follows (pretraining here; sft, reward, dpo and
+grpo in their stage modules): the engine calls its methods and nothing else, and the optional
+hooks have do-nothing defaults, so the engine never asks what an objective happens to have.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from pydantic import Field, field_validator
 
 from ..config import Section
-from ..data.packing import IGNORE_INDEX, PackedBatches, TokenCorpus
+from ..data.packing import PackedBatches, TokenCorpus
 from ..errors import UserError
 from ..evaluate import evaluate_corpus
+from ..labels import IGNORE_INDEX
+
+
+class Objective:
+    """What the engine trains on. Subclasses implement `train_batches` and `loss`."""
+
+    # True when the objective generates with the model (GRPO): a sharded model cannot do that rank
+    # by rank, so the engine refuses train.strategy=fsdp2 for it
+    needs_full_model: bool = False
+
+    def train_batches(self, rank: int, world: int) -> Iterator[dict[str, Any]]:
+        """Endless dict batches for this rank, with `state_dict()` / `load_state_dict()` (the data
+        position, saved in checkpoints so a resume continues exactly)."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float], int]:
+        """(micro-batch mean loss, metrics averaged over micro-batches and ranks, tokens the model
+        processed without padding: for tokens/s, MFU and tokens_seen)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out numbers, called on every rank in eval mode under no_grad; {}: nothing to report."""
+        return {}
+
+    def setup(self, accelerator) -> None:
+        """Once, after the model is prepared (e.g. move a frozen reference model to the device)."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The objective's own state to checkpoint (None: nothing)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 class CorpusSource(Section):
@@ -93,7 +127,7 @@ def check_token_dir(path: str | Path, key: str, verify_sha256: bool | None = Non
                         f"at {tok_dir} is {found[:12]}; re-run `openllama data tokenize` or restore the tokenizer")
 
 
-class PretrainObjective:
+class PretrainObjective(Objective):
     """Next-token prediction on packed windows; loss is the mean cross-entropy over the predicted
     tokens of a micro-batch (labels that cross a document boundary are ignored)."""
 
@@ -142,8 +176,8 @@ class PretrainObjective:
 
     def loss(self, model, batch: dict[str, torch.Tensor]):
         # the model's fused output projection + cross-entropy: the (B, T, vocab) logits never exist
-        # (same value and gradients as logits + token_cross_entropy, less time and memory)
-        loss = model(batch["tokens"], doc_ids=batch["doc_ids"], targets=batch["labels"], ignore_index=IGNORE_INDEX)
+        # (same value and gradients as logits + F.cross_entropy, less time and memory)
+        loss = model(batch["tokens"], doc_ids=batch["doc_ids"], targets=batch["targets"], ignore_index=IGNORE_INDEX)
         return loss, {}, batch["tokens"].numel()
 
     def evaluate(self, model) -> dict[str, float]:
