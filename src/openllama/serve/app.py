@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     chat_template = None
     if args.chat_template:
-        from ..data.chat import template_source
+        from ..chat_template import template_source
 
         chat_template = template_source(args.chat_template)
     apply_threads(args)

@@ -2,7 +2,7 @@
 
 The template is the tokenizer's (`chat_template` in tokenizer_config.json, or chat_template.jinja,
 as `openllama tokenizer` and `openllama export` write them; the project default otherwise) and is
-rendered by `data.chat.ChatTemplate`, the renderer SFT uses, so a served prompt is token for
+rendered by `chat_template.ChatTemplate`, the renderer SFT uses, so a served prompt is token for
 token what the model saw in training. When a conversation outgrows the
 context, whole turns are dropped from the oldest on; system messages stay while they can.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..data.chat import ChatTemplate
+from ..chat_template import ChatTemplate
 from ..errors import UserError
 
 ROLES = ("system", "user", "assistant")
