@@ -28,15 +28,10 @@ import argparse
 import contextlib
 import glob
 import mmap
-import multiprocessing as mp
 import os
-import queue
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +42,7 @@ import orjson
 from ..errors import UserError
 from . import shards as shardlib
 from .clean import DROP_REASONS, CleanConfig, content_hash, drop_reason, normalise_utf8
+from .pool import make_pool, progress_sink, run_pool
 from .sources import FORMATS, TEXT_UNITS, BadRecord, Document, read_records, resolve_format
 
 _dumps, _NEWLINE = orjson.dumps, orjson.OPT_APPEND_NEWLINE
@@ -133,19 +129,6 @@ def _size(path: str) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # phase 1: scan one file (runs in a worker process)
-
-_progress_queue = None
-
-
-def _init_worker(progress_queue) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
-
-
-def progress_sink():
-    """In a `run_pool` worker: where to send (amount, docs) progress updates (None elsewhere)."""
-    return _progress_queue.put if _progress_queue is not None else None
-
 
 class _Progress:
     """Batches (bytes, docs) updates for the bar: a queue put per 4 MB, not per document."""
@@ -292,70 +275,6 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def make_pool(workers: int) -> tuple[ProcessPoolExecutor, Any]:
-    """A process pool and the queue its workers send progress to; reuse it across phases.
-
-    Not plain fork (forking a parent that loaded torch or started threads can deadlock). The
-    forkserver (where available) forks workers from a clean single-threaded server that has
-    imported the main script (its default) and this module once, so a pool starts in ~0.03 s
-    instead of a spawn's ~0.3-0.7 s of imports per worker, which on a 50 MB input cost more
-    than the parallel scan saved."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["__main__", __name__])
-    else:
-        ctx = mp.get_context("spawn")
-    progress_queue = ctx.Queue()
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue,)), progress_queue
-
-
-def run_pool(fn, tasks: list, workers: int, on_result, on_progress=None, pool=None) -> list:
-    """Results of fn over tasks, in task order. One worker: in this process. More: `pool` (from
-    make_pool) or a new one. A worker's UserError is raised here; a worker that dies is an error."""
-    if workers <= 1 or len(tasks) <= 1:
-        out = []
-        for t in tasks:
-            out.append(fn(t) if on_progress is None else fn(t, sink=on_progress))
-            on_result(out[-1])
-        return out
-    if pool is None:
-        executor, progress_queue = make_pool(min(workers, len(tasks)))
-        with executor:
-            return run_pool(fn, tasks, workers, on_result, on_progress, (executor, progress_queue))
-    executor, progress_queue = pool
-    if on_progress is None:
-        progress_queue = None
-
-    def drain() -> None:
-        try:
-            while progress_queue is not None:
-                on_progress(progress_queue.get_nowait())
-        except queue.Empty:
-            pass
-
-    out = []
-    futures = [executor.submit(fn, t) for t in tasks]
-    try:
-        for future in futures:
-            while True:
-                try:
-                    result = future.result(timeout=0.1)
-                    break
-                except FuturesTimeout:
-                    drain()
-            drain()
-            out.append(result)
-            on_result(result)
-    except BrokenProcessPool as exc:
-        raise UserError(f"a worker process died ({exc}); rerun with --workers 1 to see why") from None
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
-    drain()
-    return out
-
-
 def _counts(read: int, kept: int, dropped: Counter, errors: int = 0) -> dict[str, Any]:
     return {"read": read, "kept": kept, "dropped": {r: dropped[r] for r in DROP_REASONS if dropped[r]}, "errors": errors}
 
@@ -394,7 +313,7 @@ def prepare(inputs: list[str], out_dir: str | Path, opts: PrepareOptions, overwr
 
         tasks = [(f, str(spool_dir / f"{i:06d}.jsonl"), opts) for i, f in enumerate(files)]
         if opts.workers > 1:
-            pool = make_pool(opts.workers)
+            pool = make_pool(opts.workers, preload=[__name__])
             stack.callback(pool[0].shutdown, cancel_futures=True)
         results = run_pool(_scan_task, tasks, opts.workers, on_result=lambda r: None, on_progress=on_progress, pool=pool)
         bar.close()

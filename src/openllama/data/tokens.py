@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import UserError
 from . import shards as shardlib
+from .pool import progress_sink, run_pool
 
 FORMAT = "openllama-tokens"
 MANIFEST = "manifest.json"
@@ -50,8 +51,6 @@ def _load_tokenizer(directory: str, threads: int):
 def tokenize_shard(task: tuple[str, dict, str, str, int], sink=None) -> dict[str, Any]:
     """Text shard -> NAME.bin + NAME.idx.npy (both renamed into place when complete)."""
     shard_path, entry, out_base, tok_dir, threads = task
-    from .prepare import progress_sink
-
     sink = sink or progress_sink()
     tok = _load_tokenizer(tok_dir, threads)
     dtype = token_dtype(tok.vocab_size)
@@ -124,7 +123,6 @@ def tokenize(shard_dirs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
     from tqdm import tqdm
 
     from ..tokenizer import Tokenizer
-    from .prepare import run_pool
 
     tok = Tokenizer.load(tokenizer_dir)
     dirs = [Path(d) for d in shard_dirs]
@@ -167,7 +165,7 @@ def tokenize(shard_dirs: list[str | Path], tokenizer_dir: str | Path, out_dir: s
                    "tokenizer_dir": str(tokenizer_dir)},
         "seconds": round(seconds, 3),
     }
-    shardlib.atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    shardlib.write_bytes_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     return manifest
 
 
