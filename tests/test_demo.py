@@ -87,6 +87,10 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     for rel in ("report.md", "results.json", "accuracy.png", "hf/config.json", "pretrain/plots/loss.png",
                 "eval/base.json", "eval/sft.json", "eval/dpo.json", "eval/grpo.json", "configs/pretrain.yaml"):
         assert (out / rel).is_file(), rel
+    for png in ("accuracy.png", "pretrain/plots/loss.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), png
+    pretrain_cfg = yaml.safe_load((out / "configs" / "pretrain.yaml").read_text(encoding="utf-8"))
+    assert pretrain_cfg["data"]["train"] == [str(out / "tokens" / "train")]
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "95%" in report and "n = 120" in report
 
@@ -97,6 +101,9 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     stages = {s["name"]: s for s in results["stages"]}
     assert list(stages) == ["pretrain", "sft", "dpo", "grpo"]
+    for name, stage in stages.items():  # each eval/*.json is what the report took its numbers from
+        written = json.loads((out / "eval" / f"{'base' if name == 'pretrain' else name}.json").read_text("utf-8"))
+        assert written["loss"] == stage["eval"]["loss"] and written["tasks"]["overall"] == stage["tasks"]["overall"]
     assert stages["sft"]["tasks"]["reply_loss"] < stages["pretrain"]["tasks"]["reply_loss"]
     for s in stages.values():
         acc = s["tasks"]["overall"]

@@ -291,7 +291,13 @@ def test_tensorboard_tracker(tokens, tmp_path):
     out = tmp_path / "r"
     pretrain(build(PretrainConfig, tiny_config(tokens, max_steps=4, trackers=["tensorboard"], log_every=1)),
              str(out), progress=False)
-    assert list(out.rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = [EventAccumulator(str(p)).Reload() for p in out.rglob("events.out.tfevents.*")]  # + one of hparams
+    (logged,) = [log for log in logs if "train/loss" in log.Tags()["scalars"]]
+    losses = {e.step: e.value for e in logged.Scalars("train/loss")}
+    train = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+    assert sorted(losses) == [1, 2, 3, 4] and losses == pytest.approx(train)
 
 
 def test_activation_checkpointing_gives_the_same_training(tokens, tmp_path):

@@ -135,7 +135,7 @@ def test_export_and_import_commands_with_a_tokenizer(tmp_path, tokenizer_dir):
     assert cli_main(["export", str(run), "--out", str(hf_dir)]) == 2
     assert cli_main(["import", str(hf_dir), "--out", str(tmp_path / "back")]) == 0
     back = load_model(tmp_path / "back")
-    assert (tmp_path / "back" / "tokenizer.json").is_file()
+    assert Tokenizer.load(tmp_path / "back").encode(text) == ours_tok.encode(text)  # the tokenizer came along
     assert (tmp_path / "back" / "chat_template.jinja").read_text() == template
     # a checkpoint of a run started from the imported model keeps the template too (one copy rule)
     from openllama.train import checkpoint as ckpt

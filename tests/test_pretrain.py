@@ -51,6 +51,8 @@ def test_pretrain_tiny_preset_on_real_text(shakespeare_tokens, tmp_path, capsys)
     ckpt = out / "checkpoints" / "step_0000024"
     assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
     assert (out / "checkpoints" / "step_0000012" / "COMPLETE").is_file()
+    half = json.loads((out / "checkpoints" / "step_0000012" / "state" / "trainer.json").read_text())
+    assert half["step"] == 12 and half["tokens_seen"] == 12 * 4 * 64  # steps x micro batch x seq_len
     # self-describing: the run and every checkpoint's model dir carry the tokenizer
     for d in (out / "tokenizer", ckpt / "model"):
         assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in d.iterdir()}
