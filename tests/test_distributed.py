@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 from test_engine import learnable_docs, tiny_config
 from test_packing import write_token_shards
 
 from openllama import cli
-from openllama.model import load_model
+from openllama.model import StoredWeights, load_model
 from openllama.train.metrics import read_metrics
 
 STEPS, HALF = 10, 5
@@ -42,7 +41,9 @@ def train_records(run: Path) -> list[dict]:
 
 
 def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoints" / f"step_{step:07d}" / "model" / "model.safetensors"))
+    """The checkpoint's full weights, whatever its format (safetensors, or a sharded run's DCP shards)."""
+    stored = StoredWeights(run / "checkpoints" / f"step_{step:07d}" / "model")
+    return {name: stored.get(name) for name in stored.names()}
 
 
 def assert_same_trajectory(a: Path, b: Path, atol: float = 1e-5) -> None:
@@ -101,16 +102,22 @@ def test_fsdp2_two_ranks_equal_one_rank_with_two_accumulation_steps(runs):
     assert event(root / "one", "start")["strategy"] == "ddp"  # one process: nothing to shard
     assert_same_trajectory(root / "one", root / "fsdp2")
     assert train_records(root / "one")[-1]["loss"] < train_records(root / "one")[0]["loss"] - 0.5
-    # model/ holds the full gathered model, loadable without torch.distributed, tied weight once
-    model = load_model(root / "fsdp2" / "checkpoints" / f"step_{STEPS:07d}" / "model")
+    # nothing was gathered: each rank wrote its own shards (DCP); model/ names them, and load_model
+    # reads them without torch.distributed, the tied weight once
+    step_dir = root / "fsdp2" / "checkpoints" / f"step_{STEPS:07d}"
+    assert sorted(p.name for p in (step_dir / "state" / "dcp").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                               "__1_0.distcp"]
+    assert not (step_dir / "model" / "model.safetensors").exists() and not (step_dir / "state" / "optimizer.pt").exists()
+    model = load_model(step_dir / "model")
     assert model.output.weight is model.tok_embeddings.weight
-    assert "output.weight" not in weights(root / "fsdp2", STEPS)
     saved = weights(root / "fsdp2", STEPS)
+    assert "output.weight" not in saved
     assert all(torch.equal(p, saved[n]) for n, p in model.state_dict().items() if n != "output.weight")
-    # the optimizer state is keyed by parameter name with full (unsharded) tensors
-    optim = torch.load(root / "fsdp2" / "checkpoints" / f"step_{STEPS:07d}" / "state" / "optimizer.pt",
-                       weights_only=False)
-    assert optim["state"]["tok_embeddings.weight"]["exp_avg"].shape == model.tok_embeddings.weight.shape
+    # the optimizer state is in the shards too, keyed by parameter name with the full shape
+    from torch.distributed.checkpoint import FileSystemReader
+
+    entries = FileSystemReader(str(step_dir / "state" / "dcp")).read_metadata().state_dict_metadata
+    assert tuple(entries["optim.state.tok_embeddings.weight.exp_avg"].size) == tuple(model.tok_embeddings.weight.shape)
 
 
 @pytest.mark.slow

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
+from .artifacts import CONFIG_FILE, find_tokenizer_dir, resolve_model_dir
 from .config import ModelConfig
 from .errors import UserError
-from .artifacts import CONFIG_FILE, find_tokenizer_dir, resolve_model_dir
-from .model import Llama, load_model
+from .model import Llama, StoredWeights, load_model
 from .tokenizer import copy_tokenizer_files
 
 # our name -> transformers name, per layer ("{i}" is the layer index)
@@ -134,16 +137,18 @@ def _token_ids(tokenizer_dir: Path | None) -> dict[str, int | None]:
 def export_hf(model_or_dir: Llama | str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
               dtype: torch.dtype = torch.float32) -> Path:
     """Write a transformers LlamaForCausalLM directory. `model_or_dir` is a `Llama`, a model dir, a
-    checkpoint step dir or a run dir (see `resolve_model_dir`); the tokenizer, when found beside the
-    model or given, is copied too. Written to a temp dir and renamed, so a failure leaves nothing."""
-    from safetensors.torch import save_file
-
+    checkpoint step dir (of a sharded run too) or a run dir (see `resolve_model_dir`); from a
+    directory the weights stream tensor by tensor (peak memory: about one tensor, not the model).
+    The tokenizer, when found beside the model or given, is copied too. Written to a temp dir and
+    renamed, so a failure leaves nothing."""
     if isinstance(model_or_dir, Llama):
-        model = model_or_dir
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir else None
+        cfg, tok_dir = model_or_dir.cfg, Path(tokenizer_dir) if tokenizer_dir else None
+        tensors = _model_tensors(model_or_dir, dtype)
     else:
-        model = load_model(resolve_model_dir(model_or_dir))
+        weights = StoredWeights(model_or_dir)
+        cfg = weights.cfg
         tok_dir = Path(tokenizer_dir) if tokenizer_dir else find_tokenizer_dir(model_or_dir)
+        tensors = _stored_tensors(weights, dtype)
     if tok_dir is not None and not any((tok_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         raise UserError(f"{tok_dir}: no tokenizer.json or tokenizer.model in this tokenizer directory")
     out = Path(out_dir)
@@ -152,16 +157,15 @@ def export_hf(model_or_dir: Llama | str | Path, out_dir: str | Path, tokenizer_d
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-
     try:
         ids = _token_ids(tok_dir)
-        conf = hf_config(model.cfg, dtype=dtype, **ids)
+        conf = hf_config(cfg, dtype=dtype, **ids)
         (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n", encoding="utf-8")
         gen = {"bos_token_id": ids["bos_id"], "eos_token_id": ids["eos_id"], "pad_token_id": ids["pad_id"],
                "do_sample": True, "temperature": 0.7, "top_p": 0.9}
         (tmp / "generation_config.json").write_text(
             json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2) + "\n", encoding="utf-8")
-        save_file(to_hf_state_dict(model, dtype), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
         if tok_dir is not None:
             copy_tokenizer_files(tok_dir, tmp)
     except BaseException:
@@ -171,6 +175,71 @@ def export_hf(model_or_dir: Llama | str | Path, out_dir: str | Path, tokenizer_d
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+# a transformers tensor: (name, shape, a function giving its values when it is written)
+HFTensor = tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]
+
+
+def _hf_layout(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """(transformers name, our name) of every exported tensor, in file order; our name
+    "tok_embeddings.weight+norm" is the embedding with the stable-embedding LayerNorm folded in."""
+    emb = "tok_embeddings.weight+norm" if cfg.stable_embedding else "tok_embeddings.weight"
+    pairs = [("model.embed_tokens.weight", emb)]
+    for i in range(cfg.n_layers):
+        pairs += [(f"model.layers.{i}.{theirs}", f"layers.{i}.{mine}") for mine, theirs in _LAYER_NAMES.items()]
+    pairs.append(("model.norm.weight", "norm.weight"))
+    if not exports_tied(cfg):
+        pairs.append(("lm_head.weight", "tok_embeddings.weight" if cfg.tie_embeddings else "output.weight"))
+    return pairs
+
+
+def _stored_tensors(weights: StoredWeights, dtype: torch.dtype) -> list[HFTensor]:
+    def read(ours: str) -> torch.Tensor:
+        if ours.endswith("+norm"):  # the same kernel as the model's embedding LayerNorm (eps 1e-5)
+            emb = weights.get("tok_embeddings.weight")
+            norm = (weights.get("embedding_norm.weight"), weights.get("embedding_norm.bias"))
+            return torch.nn.functional.layer_norm(emb, emb.shape[-1:], *norm, eps=1e-5).to(dtype)
+        return weights.get(ours).to(dtype)
+
+    shape = {name: spec[0] for name, spec in weights.specs.items()}
+    shape["tok_embeddings.weight+norm"] = shape["tok_embeddings.weight"]
+    return [(hf, shape[ours], lambda ours=ours: read(ours)) for hf, ours in _hf_layout(weights.cfg)]
+
+
+def _model_tensors(model: Llama, dtype: torch.dtype) -> list[HFTensor]:
+    state = to_hf_state_dict(model, dtype)
+    return [(name, tuple(t.shape), lambda t=t: t) for name, t in state.items()]
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(path: Path, tensors: Sequence[HFTensor], metadata: dict[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """A safetensors file written tensor by tensor: the header (names, shapes, offsets) first, then
+    each tensor's bytes as it is produced, so only one tensor is ever in memory. Same bytes as
+    `safetensors.torch.save_file` reads back."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset, first = 0, None
+    for name, shape, make in tensors:
+        if first is None:  # every tensor of an export has one dtype: learn it from the first
+            first = make()
+            dtype = dtype or first.dtype
+        size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for i, (name, shape, make) in enumerate(tensors):
+            tensor, first = (first, None) if i == 0 else (make(), None)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, header says {shape} {dtype}")
+            f.write(tensor.contiguous().view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -338,6 +338,36 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _LinearCrossEntropy.apply(h, w, targets, ignore_index, reduction == "sum", chunk)
 
 
+INIT_BLOCK_ROWS = 256  # rows drawn from one seeded generator (~4 MB for a 4096-wide matrix)
+
+
+def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the tensor this rank holds, the global index of its first row): a DTensor (FSDP2) gives its
+    local shard and offset, a plain tensor itself and 0."""
+    if not hasattr(p, "to_local"):
+        return p.data, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return p.to_local(), int(offset[0]) if offset else 0
+
+
+def _seeded_normal_(local: torch.Tensor, first_row: int, seed: int, name: str, std: float) -> None:
+    """Fill rows [first_row, first_row + len(local)) of the matrix `name` with its seeded normal values."""
+    import hashlib
+
+    rows = local.shape[0]
+    flat = local.view(rows, -1)
+    gen = torch.Generator(device="cpu")  # drawn on the CPU: the same numbers whatever the device
+    for block in range(first_row // INIT_BLOCK_ROWS, (first_row + rows - 1) // INIT_BLOCK_ROWS + 1):
+        key = hashlib.blake2b(f"{seed}:{name}:{block}".encode(), digest_size=8).digest()
+        gen.manual_seed(int.from_bytes(key, "little") >> 1)
+        lo = block * INIT_BLOCK_ROWS
+        values = torch.randn(INIT_BLOCK_ROWS, flat.shape[1], generator=gen).mul_(std)
+        a, b = max(lo, first_row), min(lo + INIT_BLOCK_ROWS, first_row + rows)
+        flat[a - first_row:b - first_row].copy_(values[a - lo:b - lo])
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -351,26 +381,38 @@ class Llama(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.gradient_checkpointing = False
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
-        self.reset_parameters()
+        if self.tok_embeddings.weight.device.type != "meta":  # on meta: the trainer initialises each shard
+            self.init_weights(int(torch.randint(0, 2**62, (1,))))  # from the global RNG, as torch modules do
 
     # -- init ----------------------------------------------------------------------------------
 
+    def tie_weights(self) -> None:
+        """The output projection is the embedding matrix again (`to_empty` gives plain tensors new
+        storage module by module, which unties them)."""
+        if self.cfg.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            self.output.weight = self.tok_embeddings.weight
+
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) for every matrix; residual output projections scaled by
-        1/sqrt(2 * n_layers) (GPT-2) so the residual stream does not grow with depth."""
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, init_std) for every matrix, residual output projections scaled by
+        1/sqrt(2 * n_layers) (GPT-2) so the residual stream does not grow with depth; norms one.
+
+        Each matrix is drawn in blocks of INIT_BLOCK_ROWS rows, each block from a generator seeded
+        by (seed, parameter name, block), and every parameter fills only the rows it holds: a model
+        sharded over any number of ranks (FSDP2 shards dim 0) gets exactly the values one process
+        gets, and no rank ever materialises more than its shard plus one block."""
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.device.type == "meta":
+        for name, p in self.named_parameters():  # a tied output weight is listed once, as the embedding
+            local, first_row = local_rows(p)
+            if local.numel() == 0:
                 continue
             if p.dim() == 2:
                 scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-        for m in self.modules():
-            if isinstance(m, (RMSNorm, nn.LayerNorm)) and m.weight.device.type != "meta":
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
+                _seeded_normal_(local, first_row, seed, name, std * scale)
+            elif name.endswith("bias"):
+                local.zero_()
+            else:  # RMSNorm / LayerNorm weights
+                local.fill_(1.0)
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -476,6 +518,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
 # -- our own model directory: openllama.json + model.safetensors -------------------------------
 
 
+def write_model_config(cfg: ModelConfig, directory: str | Path, extra: dict | None = None) -> Path:
+    """openllama.json: what marks a model directory and says what model it holds."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "openllama", "version": 1, "model": cfg.model_dump(mode="json"), **(extra or {})}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
 def save_model(model: Llama, directory: str | Path, extra: dict | None = None) -> Path:
     """Write an openllama model directory (config + safetensors weights); tied weights stored once."""
     from safetensors.torch import save_file
@@ -486,32 +537,74 @@ def save_model(model: Llama, directory: str | Path, extra: dict | None = None) -
     if model.cfg.tie_embeddings:
         state.pop("output.weight", None)
     save_file(state, str(directory / MODEL_FILE))
-    meta = {"format": "openllama", "version": 1, "model": model.cfg.model_dump(mode="json")}
-    if extra:
-        meta.update(extra)
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return directory
+    return write_model_config(model.cfg, directory, extra)
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
-    """Load an openllama model written by `save_model`; `directory` may also be a checkpoint step
-    or run directory (see `resolve_model_dir`)."""
-    from safetensors.torch import load_file
-
-    directory = resolve_model_dir(directory)
+def read_model_config(directory: Path) -> tuple[ModelConfig, dict]:
     meta_path = directory / CONFIG_FILE
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        cfg = ModelConfig.model_validate(meta["model"])
+        return ModelConfig.model_validate(meta["model"]), meta
     except (json.JSONDecodeError, KeyError, ValueError) as exc:
         raise UserError(f"{meta_path}: not a valid openllama model config ({str(exc).splitlines()[0]})") from None
+
+
+class StoredWeights:
+    """The tensors of a model directory, read one at a time (peak memory: one tensor): its
+    model.safetensors, or, in a checkpoint of a sharded run, the DCP shards that openllama.json's
+    `dcp` names (relative to the directory). Names are ours; a tied output weight is not stored."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = resolve_model_dir(directory)
+        self.cfg, meta = read_model_config(self.directory)
+        self.dcp = (self.directory / meta["dcp"]).resolve() if meta.get("dcp") else None
+        if self.dcp is not None:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            entries = FileSystemReader(str(self.dcp)).read_metadata().state_dict_metadata
+            self.specs = {k[len("model."):]: (tuple(v.size), v.properties.dtype) for k, v in entries.items()
+                          if k.startswith("model.") and hasattr(v, "size")}
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(self.directory / MODEL_FILE), framework="pt") as f:
+                self.specs = {k: (tuple(f.get_slice(k).get_shape()), None) for k in f.keys()}
+
+    def names(self) -> list[str]:
+        return [k for k in self.specs if not (self.cfg.tie_embeddings and k == "output.weight")]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One full tensor on the CPU. The safetensors file is opened for this tensor alone: a
+        mapping kept open would leave every page read so far resident."""
+        if self.dcp is None:
+            from safetensors import safe_open
+
+            with safe_open(str(self.directory / MODEL_FILE), framework="pt") as f:
+                return f.get_tensor(name)
+        import torch.distributed.checkpoint as dcp
+
+        shape, dtype = self.specs[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        dcp.load({"model": {name: tensor}}, checkpoint_id=str(self.dcp), no_dist=True)
+        return tensor
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
+    """Load an openllama model written by `save_model` (or a sharded run's checkpoint); `directory`
+    may also be a checkpoint step or run directory (see `resolve_model_dir`)."""
+    from safetensors.torch import load_file
+
+    weights = StoredWeights(directory)
     with torch.device("meta"):
-        model = Llama(cfg)
-    state = load_file(str(directory / MODEL_FILE), device=str(device))
-    if cfg.tie_embeddings:
+        model = Llama(weights.cfg)
+    if weights.dcp is None:
+        state = load_file(str(weights.directory / MODEL_FILE), device=str(device))
+    else:
+        state = {name: weights.get(name).to(device) for name in weights.names()}
+    if weights.cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:
+    if weights.cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     if dtype is not None:
         model.to(dtype)

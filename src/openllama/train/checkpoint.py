@@ -2,12 +2,15 @@
 
     RUN/checkpoints/step_0000100/
         model/          an openllama model directory (save_model) + the tokenizer files: export,
-                        evaluate and generate read it as it is
+                        evaluate and generate read it as it is; of a sharded (FSDP2) run only the
+                        config, naming ../state/dcp/ for the weights
         state/          optimizer.pt (full state keyed by parameter name: loads at any world size and
                         strategy), scheduler.pt, rng_rank{R}.pt (python, numpy, torch CPU + CUDA, one
                         per rank), trainer.json (step, tokens seen, data position, objective state);
-                        under DeepSpeed no optimizer.pt but deepspeed/ (DeepSpeed's own save_checkpoint:
-                        the module and one ZeRO optimizer partition per rank; same world size to resume)
+                        of a sharded run no optimizer.pt but dcp/ (torch.distributed.checkpoint: each
+                        rank's shards of model and optimizer, written by that rank; loads at any world
+                        size); under DeepSpeed deepspeed/ (DeepSpeed's own save_checkpoint: the module
+                        and one ZeRO optimizer partition per rank; same world size to resume)
         COMPLETE        written last
     RUN/checkpoints/latest   text: the name of the newest complete step directory
 
@@ -32,10 +35,11 @@ from ..artifacts import (CHECKPOINTS, COMPLETE, CONFIG_FILE, LATEST, MODEL_FILE,
                          latest_checkpoint, step_dir_name)
 from ..atomic import fsync_dir, fsync_tree, write_text_atomic
 from ..errors import UserError
-from ..model import save_model
+from ..model import save_model, write_model_config
 from ..tokenizer import copy_tokenizer_files
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "zero"
+DCP_DIR = "dcp"  # state/dcp/: a sharded run's model and optimizer, one file of shards per rank
 TRAINER_STATE = "trainer.json"
 
 
@@ -122,24 +126,12 @@ def _write_failure(exc: BaseException, root: Path) -> OSError | None:
     return None
 
 
-class _GatheredModel:
-    """What save_model reads from a model (`cfg`, `state_dict()`), for weights gathered from shards."""
-
-    def __init__(self, cfg, state: dict[str, torch.Tensor]):
-        self.cfg, self._state = cfg, state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
 def _optimizer_state(model: torch.nn.Module, optimizer) -> dict:
     """Keyed by parameter name with full tensors (loads at any world size and strategy); a model the
     name mapping cannot describe (e.g. an optimizer over parameters outside it) keeps the plain form."""
-    from .distributed import full_optimizer_state, is_sharded
+    from .distributed import full_optimizer_state
 
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
-    if is_sharded(model):
-        return full_optimizer_state(model, inner)
     try:
         return full_optimizer_state(model, inner)
     except (KeyError, RuntimeError, ValueError):
@@ -155,25 +147,34 @@ class CheckpointManager:
         self.root = Path(run_dir) / CHECKPOINTS
         self.rank, self.keep_last, self.barrier = rank, keep_last, barrier
         self.tokenizer_dir = tokenizer_dir
+        self._pending = None  # an asynchronous save still being written: (future, phases, tmp, final)
+        self._async_group = None
 
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, step: int, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict,
-             extra_state: dict[str, object] | None = None, deepspeed_engine=None) -> Path:
+             extra_state: dict[str, object] | None = None, deepspeed_engine=None,
+             asynchronous: bool = False) -> Path:
         """Every rank calls this (collective under FSDP2 and DeepSpeed). A failed write (disk full,
         read-only directory) on any rank removes the partial directory and raises the same
         CheckpointWriteError on every rank (the ranks agree after each phase, so none is left waiting
-        at a barrier); the previous checkpoint and `latest` are untouched. With `deepspeed_engine`
-        (ZeRO-1/2: `model` holds the full parameters on every rank) the optimizer state is
-        DeepSpeed's own checkpoint."""
-        from .distributed import full_model_state, is_sharded
+        at a barrier); the previous checkpoint and `latest` are untouched.
+        A sharded (FSDP2) model is saved with torch.distributed.checkpoint: every rank writes its own
+        shards of model and optimizer to state/dcp/, and model/ holds the config and tokenizer with a
+        pointer to them (nothing is gathered). `asynchronous` (sharded only): the shards are copied to
+        memory and written by a background thread while training goes on; the directory is published
+        (COMPLETE, `latest`) by `wait()`, called by the next save or at the end of training. With
+        `deepspeed_engine` the optimizer state is DeepSpeed's own checkpoint."""
+        from .distributed import dcp_state, is_sharded
 
+        self.wait()
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp_{step_dir_name(step)}"
         sharded = is_sharded(model)
-        # gathered on every rank (collective); full tensors on rank 0 only
-        model_state = full_model_state(model) if sharded else None
-        optimizer_state = _optimizer_state(model, optimizer) if deepspeed_engine is None else None
+        if sharded and hasattr(model, "save_checkpoint"):
+            raise UserError("train.strategy=fsdp2 cannot save a wrapped model (LoRA, reward head) yet")
+        optimizer_state = None if deepspeed_engine is not None or sharded else _optimizer_state(model, optimizer)
+        pending = []
 
         def prepare() -> None:
             if self.rank == 0:
@@ -187,38 +188,72 @@ class CheckpointManager:
             if deepspeed_engine is not None:  # collective: every rank writes its ZeRO partition
                 deepspeed_engine.save_checkpoint(str(tmp / "state" / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                                  save_latest=False)
-            if self.rank != 0:
-                return
-            if sharded:
-                if hasattr(model, "save_checkpoint"):
-                    raise UserError("train.strategy=fsdp2 cannot save a wrapped model (LoRA, reward head) yet")
-                save_model(_GatheredModel(model.cfg, model_state), tmp / "model")
-            else:
-                # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint
-                (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
-            copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
-            if optimizer_state is not None:
-                torch.save(optimizer_state, state_file(tmp, "optimizer"))
-            torch.save(scheduler.state_dict(), state_file(tmp, "scheduler"))
-            for name, obj in (extra_state or {}).items():
-                torch.save(obj, state_file(tmp, name))
-            (tmp / "state" / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+            if sharded:  # collective: every rank writes its own shards
+                state = dcp_state(model, getattr(optimizer, "optimizer", optimizer))
+                pending.append(self._write_dcp(state, tmp / "state" / DCP_DIR, asynchronous))
+            if self.rank == 0:
+                self._write_rank0_files(tmp, model, sharded, optimizer_state, scheduler, trainer_state, extra_state)
 
         def publish() -> None:
-            if self.rank != 0:
-                return
-            _fault_point(step, "before_complete")
-            (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
-            fsync_tree(tmp)
-            if final.exists():  # a re-run of the same step after a resume: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            _fault_point(step, "before_latest")
-            write_text_atomic(self.root / LATEST, final.name + "\n")
-            self._prune()
+            if self.rank == 0:
+                self._publish(step, tmp, final)
 
-        for phase in (prepare, write, publish):
+        self._run_phases((prepare, write), tmp, final)
+        if pending and pending[0] is not None:  # published once the background write is done
+            self._pending = (pending[0], (publish,), tmp, final)
+        else:
+            self._run_phases((publish,), tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish and publish an asynchronous save, if one is under way (every rank calls it)."""
+        if self._pending is None:
+            return
+        future, phases, tmp, final = self._pending
+        self._pending = None
+        self._run_phases((future.result, *phases), tmp, final)
+
+    def _write_dcp(self, state: dict, path: Path, asynchronous: bool):
+        import torch.distributed.checkpoint as dcp
+
+        if not asynchronous:
+            dcp.save(state, checkpoint_id=str(path))
+            return None
+        if self._async_group is None:  # its own group: the background thread's
+            import torch.distributed as dist  # collectives must not interleave with training's
+
+            self._async_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        return dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_group)
+
+    def _write_rank0_files(self, tmp: Path, model, sharded: bool, optimizer_state, scheduler, trainer_state: dict,
+                           extra_state: dict | None) -> None:
+        if sharded:  # model/ points at the shards: export and load_model read them tensor by tensor
+            write_model_config(model.cfg, tmp / "model", {"dcp": f"../state/{DCP_DIR}"})
+        else:
+            # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint
+            (model.save_checkpoint if hasattr(model, "save_checkpoint") else lambda d: save_model(model, d))(tmp / "model")
+        copy_tokenizer_files(self.tokenizer_dir, tmp / "model")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, state_file(tmp, "optimizer"))
+        torch.save(scheduler.state_dict(), state_file(tmp, "scheduler"))
+        for name, obj in (extra_state or {}).items():
+            torch.save(obj, state_file(tmp, name))
+        (tmp / "state" / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+
+    def _publish(self, step: int, tmp: Path, final: Path) -> None:
+        _fault_point(step, "before_complete")
+        (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
+        fsync_tree(tmp)
+        if final.exists():  # a re-run of the same step after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        _fault_point(step, "before_latest")
+        write_text_atomic(self.root / LATEST, final.name + "\n")
+        self._prune()
+
+    def _run_phases(self, phases, tmp: Path, final: Path) -> None:
+        for phase in phases:
             error, failure = None, None
             try:
                 phase()
@@ -231,7 +266,6 @@ class CheckpointManager:
                 if error is not None and _write_failure(error, self.root) is None:
                     raise error  # a bug, not a write failure: the rank that hit it shows the real traceback
                 raise CheckpointWriteError(failure) from None
-        return final
 
     def _describe_failure(self, exc: BaseException, final: Path) -> str:
         cause = _write_failure(exc, self.root)
@@ -320,6 +354,17 @@ def load_deepspeed_state(ckpt: Path, engine) -> None:
                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise UserError(f"{ckpt / 'state' / DEEPSPEED_DIR}: DeepSpeed could not load this checkpoint")
+
+
+def has_dcp(ckpt: Path) -> bool:
+    return (ckpt / "state" / DCP_DIR).is_dir()
+
+
+def load_dcp(ckpt: Path, model: torch.nn.Module, optimizer) -> None:
+    """Model and optimizer from a sharded checkpoint, at any world size (DCP reshards on load)."""
+    from .distributed import load_dcp_state
+
+    load_dcp_state(model, getattr(optimizer, "optimizer", optimizer), ckpt / "state" / DCP_DIR)
 
 
 def load_trainer_state(ckpt: Path) -> dict:

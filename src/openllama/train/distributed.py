@@ -181,3 +181,73 @@ def scalar(value) -> float:
     if hasattr(value, "full_tensor"):
         value = value.full_tensor()
     return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded from birth: a model built on the meta device never exists whole on one rank
+
+
+def on_meta(model: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def materialize(model: torch.nn.Module, device: torch.device, seed: int | None) -> None:
+    """Real storage on `device` for a model built on the meta device: under FSDP2 (sharded first)
+    only this rank's shards. With a seed, the initial weights (`Llama.init_weights`: blocks of rows
+    drawn from (seed, name, block), so every world size gets the same full model, bitwise)."""
+    model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if seed is not None:
+        model.init_weights(seed)
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, model_dir) -> None:
+    """Fill every parameter with the rows this rank holds, read from an openllama model directory
+    (model.safetensors) one tensor slice at a time: a sharded rank never reads the full model, an
+    unsharded one never holds a second copy of it. A tied output weight is the embedding."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from ..artifacts import MODEL_FILE
+    from ..model import local_rows
+
+    path = Path(model_dir) / MODEL_FILE
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        stored = set(f.keys())
+        for name, param in model.named_parameters():
+            if name not in stored:
+                raise UserError(f"{path}: no tensor {name} (a model of another shape?)")
+            local, first = local_rows(param)
+            if local.numel():
+                rows = f.get_slice(name)[first:first + local.shape[0]]
+                local.copy_(rows.to(local.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded checkpoints: torch.distributed.checkpoint (DCP), every rank writing its own shards
+
+
+def dcp_state(model: torch.nn.Module, optimizer) -> dict:
+    """Model and optimizer state as DCP saves and loads them: DTensor shards under FSDP2 (each
+    rank's own), plain tensors otherwise; keyed by parameter name, so it reshards on load."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def load_dcp_state(model: torch.nn.Module, optimizer, path) -> None:
+    """Restore model and optimizer from a DCP checkpoint written at any world size (DCP reads each
+    rank's rows of every tensor, whatever the ranks that wrote them held)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    for group in optimizer.param_groups:  # comes back as a list; AdamW's own state_dict keeps a tuple
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])

@@ -21,13 +21,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..artifacts import METRICS_FILE
+from ..artifacts import METRICS_FILE, resolve_model_dir
 from ..config import Precision, Section, dump_config, flatten
 from ..errors import UserError
 from ..model import flops_per_token
 from . import checkpoint as ckpt
-from .distributed import (all_reduce_sum, check_launch, check_world, deepspeed_plugin, load_optimizer_state, scalar,
-                          shard_model)
+from .distributed import (all_reduce_sum, check_launch, check_world, deepspeed_plugin, load_optimizer_state,
+                          load_weights, materialize, on_meta, scalar, shard_model)
 from .metrics import MetricsLog, SpikeDetector, Throughput, measure_cpu_matmul_peak, peak_flops, truncate_metrics
 from .objectives import Objective
 from .schedule import lr_multiplier
@@ -75,6 +75,7 @@ class TrainConfig(Section):
     trackers: list[Literal["tensorboard", "wandb"]] = []
     max_nonfinite_in_a_row: int = Field(5, gt=0)
     spike_factor: float = Field(2.0, gt=1)  # a loss above this x its running mean is logged as a spike
+    async_save: bool = False  # sharded (fsdp2) checkpoints written in the background while training goes on
     strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"  # auto: fsdp2 / deepspeed when launched with
     # an FSDP2 / DeepSpeed accelerate config, else ddp; fsdp2 shards params/grads/optimizer state, deepspeed is
     # ZeRO-1/2 (train/distributed.py, docs/scaling.md)
@@ -213,9 +214,11 @@ class _Run:
 
 
 def _start(cfg: Section, model: torch.nn.Module, objective: Objective, out: Path, resume: bool,
-           tokenizer_dir: str | Path | None) -> tuple[_Run, Path | None]:
-    """Accelerate, the run directory, the starting weights (a checkpoint's when resuming), then the
-    model prepared for the strategy with its optimizer and schedule. -> (run, checkpoint to resume)."""
+           tokenizer_dir: str | Path | None, init_from: str | Path | None) -> tuple[_Run, Path | None]:
+    """Accelerate, the run directory, the model placed for the strategy (built on the meta device:
+    sharded first, then only this rank's shards materialised) with its optimizer and schedule, and
+    its starting weights: `init_from` (a model directory), or Llama.init_weights(train.seed); a
+    checkpoint's are restored later, by `_restore`. -> (run, checkpoint to resume)."""
     from accelerate.utils import set_seed
 
     tc, oc = cfg.train, cfg.optim
@@ -242,22 +245,28 @@ def _start(cfg: Section, model: torch.nn.Module, objective: Objective, out: Path
         ckpt.check_model_matches(latest, model.cfg)
         if hasattr(model, "load_checkpoint"):  # a wrapper (LoRA, reward head) restores what it saved
             model.load_checkpoint(latest / "model")
-        else:
-            ckpt.load_weights(latest, model)
-    run = _prepare_model(tc, oc, accelerator, strategy, model, manager)
+    # a model built on the meta device is initialised here (from train.seed) unless weights follow
+    fresh = latest is None and init_from is None
+    run = _prepare_model(tc, oc, accelerator, strategy, model, manager, seed=tc.seed if fresh else None)
+    if latest is None and init_from is not None:
+        load_weights(run.raw_model, resolve_model_dir(init_from))  # each rank reads only its rows
     objective.setup(accelerator)
     return run, latest
 
 
 def _prepare_model(tc: TrainConfig, oc: OptimConfig, accelerator, strategy: str, raw_model: torch.nn.Module,
-                   manager: ckpt.CheckpointManager) -> _Run:
+                   manager: ckpt.CheckpointManager, seed: int | None) -> _Run:
     device = accelerator.device
-    raw_model.to(device)
+    meta = on_meta(raw_model)
+    if not meta:
+        raw_model.to(device)
     raw_model.gradient_checkpointing = tc.activation_checkpointing
     if strategy == "fsdp2":  # shard first: the optimizer must hold the sharded parameters
         plugin = getattr(accelerator.state, "fsdp_plugin", None)
         shard_model(raw_model, device, resolve_precision(tc),
                     reshard_after_forward=getattr(plugin, "reshard_after_forward", True) is not False)
+    if meta:  # storage for this rank's shards only; initial values unless a checkpoint's follow
+        materialize(raw_model, device, seed)
     optimizer = build_optimizer(raw_model, oc, device)
     steps_total = total_steps(tc, accelerator.num_processes)
     # not prepared: Accelerate would step it once per process
@@ -279,9 +288,13 @@ def _restore(run: _Run, latest: Path, objective: Objective, batches, spikes: Spi
     from accelerate.utils import set_seed
 
     ckpt.check_resume_topology(latest, run.strategy, run.world)
-    if run.ds_engine is not None:
+    if run.ds_engine is not None:  # the module and this rank's ZeRO partition
         ckpt.load_deepspeed_state(latest, run.ds_engine)
+    elif ckpt.has_dcp(latest):  # a sharded run's checkpoint, resharded to this world size
+        ckpt.load_dcp(latest, run.raw_model, run.optimizer)
     else:
+        if not hasattr(run.raw_model, "load_checkpoint"):  # (a wrapper restored itself in _start)
+            load_weights(run.raw_model, latest / "model")
         load_optimizer_state(run.raw_model, getattr(run.optimizer, "optimizer", run.optimizer),
                              ckpt.load_state(latest, "optimizer"))
     run.scheduler.load_state_dict(ckpt.load_state(latest, "scheduler"))
@@ -483,19 +496,21 @@ def _save(run: _Run, objective: Objective, batches, step: int, tokens_seen: int,
     if objective_state is not None:
         extra["objective"] = objective_state
     return run.manager.save(step, run.raw_model, run.optimizer, run.scheduler, trainer_state, extra,
-                            deepspeed_engine=run.ds_engine)
+                            deepspeed_engine=run.ds_engine, asynchronous=run.tc.async_save)
 
 
 def train(cfg: Section, model: torch.nn.Module, objective: Objective, out_dir: str | Path, resume: bool = False,
-          tokenizer_dir: str | Path | None = None, progress: bool = True, eval_at_start: bool = False) -> dict[str, Any]:
+          tokenizer_dir: str | Path | None = None, progress: bool = True, eval_at_start: bool = False,
+          init_from: str | Path | None = None) -> dict[str, Any]:
     """Train `model` on `objective` with `cfg.train` and `cfg.optim`; returns a summary dict
     (`step`, `tokens_seen`, `loss`, `checkpoint`, `eval`). `cfg` is the stage's full config and is
     written to RUN/config.yaml; `tokenizer_dir` files are copied into the run and every checkpoint.
-    `eval_at_start`: a fresh run evaluates the starting model at step 0 (`summary["eval_start"]`)."""
+    `eval_at_start`: a fresh run evaluates the starting model at step 0 (`summary["eval_start"]`).
+    A `model` built on the meta device is never whole on one rank: see `_start`."""
     from accelerate.utils import set_seed
 
     out = Path(out_dir)
-    run, latest = _start(cfg, model, objective, out, resume, tokenizer_dir)
+    run, latest = _start(cfg, model, objective, out, resume, tokenizer_dir, init_from)
     tc = run.tc
     set_seed(tc.seed + run.rank)  # each rank draws its own dropout masks (restored per rank on resume)
     batches = objective.train_batches(run.rank, run.world)
@@ -527,6 +542,7 @@ def train(cfg: Section, model: torch.nn.Module, objective: Objective, out_dir: s
                 last_eval = _evaluate(run, objective, report, step)
             if (tc.save_every and step % tc.save_every == 0) or step == halt:
                 saved = _save(run, objective, batches, step, tokens_seen, spikes)
+        run.manager.wait()  # an asynchronous save is published before the run returns
     finally:
         report.close()
     return {"step": step, "tokens_seen": tokens_seen, "loss": last_loss, "checkpoint": str(saved) if saved else None,

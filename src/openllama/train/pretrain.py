@@ -22,6 +22,7 @@ from .stage import add_run_arguments, is_main, stage_config
 
 
 class PretrainConfig(Section):
+    init: str | None = None  # continue from these weights (a model, checkpoint or run dir); else fresh
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig
@@ -30,20 +31,23 @@ class PretrainConfig(Section):
 
 def pretrain(cfg: PretrainConfig, out: str, resume: bool = False, progress: bool = True) -> dict:
     import torch
-    from accelerate.utils import set_seed
 
-    from ..model import Llama
+    from ..model import Llama, StoredWeights
     from .engine import train
     from .objectives import PretrainObjective
 
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise UserError(f"train.seq_len ({cfg.train.seq_len}) is longer than model.max_seq_len ({cfg.model.max_seq_len})")
+    if cfg.init is not None and StoredWeights(cfg.init).cfg != cfg.model:
+        raise UserError(f"init={cfg.init}: that model's config differs from `model` (set model to its openllama.json)")
     objective = PretrainObjective(cfg.data, cfg.train.seq_len, cfg.train.micro_batch_size, seed=cfg.train.seed,
                                   eval_batches=cfg.train.eval_batches, vocab_size=cfg.model.vocab_size)
-    set_seed(cfg.train.seed)  # the same initial weights on every rank and every run
-    with torch.device("cpu"):
+    # built on the meta device: the engine materialises only each rank's shards and initialises
+    # them from train.seed (the same weights at every world size), or loads `init`
+    with torch.device("meta"):
         model = Llama(cfg.model)
-    return train(cfg, model, objective, out, resume=resume, tokenizer_dir=objective.tokenizer_dir, progress=progress)
+    return train(cfg, model, objective, out, resume=resume, tokenizer_dir=objective.tokenizer_dir, progress=progress,
+                 init_from=cfg.init)
 
 
 ACCEPTS_OVERRIDES = True  # leftover `key.path=value` arguments are config overrides (see cli.py)

@@ -29,7 +29,7 @@ S = TypeVar("S", bound=Section)
 # the weights' trajectory (grad_accum_steps keeps the global batch when the world size changes; the
 # data position refuses a different one). Everything else must agree with RUN/config.yaml.
 RUN_LENGTH_KEYS = ("train.max_steps", "train.max_tokens", "train.halt_at_step")
-LAYOUT_KEYS = ("train.grad_accum_steps", "train.strategy", "train.cpu", "train.compile",
+LAYOUT_KEYS = ("train.grad_accum_steps", "train.strategy", "train.cpu", "train.compile", "train.async_save",
                "train.activation_checkpointing", "train.save_every", "train.keep_last", "train.eval_every",
                "train.log_every", "train.trackers")
 RESUME_MAY_CHANGE = frozenset(RUN_LENGTH_KEYS + LAYOUT_KEYS)
