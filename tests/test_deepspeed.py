@@ -1,6 +1,6 @@
-"""DeepSpeed ZeRO through the engine on CPU (DS_ACCELERATOR=cpu, gloo, torchrun x2): ZeRO-1 and ZeRO-2
-follow the same trajectory as 1 process with 2 accumulation steps, and a ZeRO-1 checkpoint resumes
-exactly at the same world size. DeepSpeed is an optional extra: without it (or where it cannot be
+"""DeepSpeed ZeRO through the engine on CPU (DS_ACCELERATOR=cpu, gloo, torchrun x2): ZeRO-1, ZeRO-2 and
+ZeRO-3 follow the same trajectory as 1 process with 2 accumulation steps, and ZeRO-1 and ZeRO-3
+checkpoints resume exactly at the same world size. DeepSpeed is an optional extra: without it (or where it cannot be
 imported) the module is skipped with the import error as the reason."""
 
 from __future__ import annotations
@@ -50,10 +50,12 @@ def runs(tmp_path_factory):
     pretrain(config, root / "zero1", TORCHRUN, "train.strategy=deepspeed", env=CPU_DS)
     pretrain(config, root / "zero2", TORCHRUN, env={**CPU_DS, "ACCELERATE_USE_DEEPSPEED": "true",
                                                     "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    pretrain(config, root / "zero3", TORCHRUN, env={**CPU_DS, "ACCELERATE_USE_DEEPSPEED": "true",
+                                                    "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
     return root, config
 
 
-@pytest.mark.parametrize("run", ["zero1", "zero2"])
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3"])
 def test_zero_two_ranks_equal_one_rank_with_two_accumulation_steps(runs, run):
     root, _ = runs
     start = event(root / run, "start")
@@ -66,7 +68,8 @@ def test_zero_two_ranks_equal_one_rank_with_two_accumulation_steps(runs, run):
     # the grad norm is DeepSpeed's (before clipping), the same as the single process's clip_grad_norm_
     for a, b in zip(train_records(root / "one"), records):
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * max(1.0, a["grad_norm"])
-    # model/ is a full model directory, loadable without torch.distributed, tied weight once
+    # model/ is a full model directory, loadable without torch.distributed, tied weight once (under
+    # ZeRO-3, where no rank holds it, gathered parameter by parameter and streamed to the file)
     model = load_model(root / run / "checkpoints" / f"step_{STEPS:07d}" / "model")
     assert model.output.weight is model.tok_embeddings.weight
     state = root / run / "checkpoints" / f"step_{STEPS:07d}" / "state"
@@ -110,3 +113,14 @@ def test_a_deepspeed_checkpoint_is_refused_at_another_world_size_or_strategy(run
     with pytest.raises(UserError, match="DeepSpeed cannot resume"):
         check_resume_topology(root / "one" / "checkpoints" / f"step_{HALF:07d}", "deepspeed", 2)
     check_resume_topology(ckpt, "deepspeed", 2)  # the same world size is fine
+
+
+def test_zero3_checkpoint_resumes_exactly_at_the_same_world_size(runs):
+    root, config = runs
+    run = branch_at(root / "zero3", HALF, root / "zero3_resumed")
+    env = {**CPU_DS, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    pretrain(config, run, TORCHRUN, "--resume", env=env)
+    assert event(run, "resume")["world"] == 2
+    assert [r["loss"] for r in train_records(run)] == [r["loss"] for r in train_records(root / "zero3")]
+    a, b = weights(root / "zero3", STEPS), weights(run, STEPS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

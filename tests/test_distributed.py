@@ -236,3 +236,45 @@ def runs_config(tmp_path_factory) -> Path:
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tokens, max_steps=2)))
     return config
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_at_the_same_world_size_is_bitwise(runs):
+    root, config = runs
+    run = branch_at(root / "fsdp2", HALF, root / "two_then_two")
+    pretrain(config, run, TORCHRUN, "--resume", "train.strategy=fsdp2")
+    assert event(run, "resume")["world"] == 2
+    assert [r["loss"] for r in train_records(root / "fsdp2")] == [r["loss"] for r in train_records(run)]
+    a, b = weights(root / "fsdp2", STEPS), weights(run, STEPS)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_this_machine_equal_one_process(runs):
+    # two launcher agents as two nodes (one process each), meeting through a c10d rendezvous on
+    # 127.0.0.1 as configs/slurm/pretrain.sbatch has them meet on the first node
+    root, config = runs
+    out, port = root / "two_nodes", _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    agents = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", "two-nodes-test", "--rdzv_conf", f"is_host={int(node == 0)}",
+               "-m", "openllama.cli", "pretrain", "--config", str(config), "--out", str(out), "--no-progress",
+               "train.strategy=fsdp2"]
+        agents.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for agent in agents:
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+    start = event(out, "start")
+    assert start["world"] == 2 and start["strategy"] == "fsdp2"
+    assert_same_trajectory(root / "one", out)

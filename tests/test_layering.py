@@ -55,7 +55,7 @@ JSON_CALLS = {"json": ("loads", "load", "JSONDecoder"), "orjson": ("loads",)}
 # their JSON/JSONL records go through records.py.
 JSON_ALLOWED: dict[str, dict[str, str]] = {
     "openllama.model": {
-        "load_model": "openllama.json, the model directory's own config",
+        "read_model_config": "openllama.json, the model directory's own config",
     },
     "openllama.tokenizer": {
         "Tokenizer.load": "tokenizer_config.json of a tokenizer directory (one document)",

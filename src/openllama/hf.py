@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import torch
 
 from .artifacts import CONFIG_FILE, find_tokenizer_dir, resolve_model_dir
 from .config import ModelConfig
 from .errors import UserError
-from .model import Llama, StoredWeights, load_model
+from .model import Llama, StoredWeights, load_model, write_safetensors
 from .tokenizer import copy_tokenizer_files
 
 # our name -> transformers name, per layer ("{i}" is the layer index)
@@ -177,7 +175,7 @@ def export_hf(model_or_dir: Llama | str | Path, out_dir: str | Path, tokenizer_d
     return out
 
 
-# a transformers tensor: (name, shape, a function giving its values when it is written)
+# a tensor to write: (name, shape, a function giving its values when it is written)
 HFTensor = tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]
 
 
@@ -210,36 +208,6 @@ def _stored_tensors(weights: StoredWeights, dtype: torch.dtype) -> list[HFTensor
 def _model_tensors(model: Llama, dtype: torch.dtype) -> list[HFTensor]:
     state = to_hf_state_dict(model, dtype)
     return [(name, tuple(t.shape), lambda t=t: t) for name, t in state.items()]
-
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def write_safetensors(path: Path, tensors: Sequence[HFTensor], metadata: dict[str, str] | None = None,
-                      dtype: torch.dtype | None = None) -> None:
-    """A safetensors file written tensor by tensor: the header (names, shapes, offsets) first, then
-    each tensor's bytes as it is produced, so only one tensor is ever in memory. Same bytes as
-    `safetensors.torch.save_file` reads back."""
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset, first = 0, None
-    for name, shape, make in tensors:
-        if first is None:  # every tensor of an export has one dtype: learn it from the first
-            first = make()
-            dtype = dtype or first.dtype
-        size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for i, (name, shape, make) in enumerate(tensors):
-            tensor, first = (first, None) if i == 0 else (make(), None)
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, header says {shape} {dtype}")
-            f.write(tensor.contiguous().view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -538,6 +540,36 @@ def save_model(model: Llama, directory: str | Path, extra: dict | None = None) -
         state.pop("output.weight", None)
     save_file(state, str(directory / MODEL_FILE))
     return write_model_config(model.cfg, directory, extra)
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(path: Path, tensors: Sequence[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]], metadata: dict[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """A safetensors file written tensor by tensor: the header (names, shapes, offsets) first, then
+    each tensor's bytes as it is produced, so only one tensor is ever in memory. Same bytes as
+    `safetensors.torch.save_file` reads back."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset, first = 0, None
+    for name, shape, make in tensors:
+        if first is None:  # every tensor of an export has one dtype: learn it from the first
+            first = make()
+            dtype = dtype or first.dtype
+        size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for i, (name, shape, make) in enumerate(tensors):
+            tensor, first = (first, None) if i == 0 else (make(), None)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, header says {shape} {dtype}")
+            f.write(tensor.contiguous().view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_model_config(directory: Path) -> tuple[ModelConfig, dict]:

@@ -195,8 +195,12 @@ def state_bytes_per_param(precision: Precision, autocast: bool) -> tuple[int, in
     return precision.weight, precision.grad, precision.optimizer
 
 
-def model_state_bytes(cfg: ModelConfig, precision: Precision, strategy: Strategy, gpus: int) -> dict[str, float]:
-    """Weights, gradients and optimizer state per GPU (bytes) for one strategy."""
+def model_state_bytes(cfg: ModelConfig, precision: Precision, strategy: Strategy, gpus: int,
+                      prefetch: bool = True) -> dict[str, float]:
+    """Weights, gradients and optimizer state per GPU (bytes) for one strategy. A fully sharded
+    model also holds gathered units: on GPUs two (the running one, and the next one, all-gathered on
+    its own stream meanwhile); `prefetch=False` (CPU processes: no copy stream) one, as measured
+    with bench/scale_bench.py."""
     P = count_params(cfg)
     weight, grad, optimizer = state_bytes_per_param(precision, strategy.autocast and precision.act < 4)
 
@@ -210,7 +214,7 @@ def model_state_bytes(cfg: ModelConfig, precision: Precision, strategy: Strategy
         "gathered": 0.0,
     }
     if strategy.shard_weights and gpus > 1:
-        state["gathered"] = 2 * largest_unit_params(cfg) * (weight + grad)
+        state["gathered"] = (2 if prefetch else 1) * largest_unit_params(cfg) * (weight + grad)
     return state
 
 

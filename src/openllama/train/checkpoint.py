@@ -35,7 +35,7 @@ from ..artifacts import (CHECKPOINTS, COMPLETE, CONFIG_FILE, LATEST, MODEL_FILE,
                          latest_checkpoint, step_dir_name)
 from ..atomic import fsync_dir, fsync_tree, write_text_atomic
 from ..errors import UserError
-from ..model import save_model, write_model_config
+from ..model import save_model, write_model_config, write_safetensors
 from ..tokenizer import copy_tokenizer_files
 
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "zero"
@@ -165,7 +165,7 @@ class CheckpointManager:
         memory and written by a background thread while training goes on; the directory is published
         (COMPLETE, `latest`) by `wait()`, called by the next save or at the end of training. With
         `deepspeed_engine` the optimizer state is DeepSpeed's own checkpoint."""
-        from .distributed import dcp_state, is_sharded
+        from .distributed import dcp_state, is_sharded, zero_stage
 
         self.wait()
         final = self.root / step_dir_name(step)
@@ -174,6 +174,7 @@ class CheckpointManager:
         if sharded and hasattr(model, "save_checkpoint"):
             raise UserError("train.strategy=fsdp2 cannot save a wrapped model (LoRA, reward head) yet")
         optimizer_state = None if deepspeed_engine is not None or sharded else _optimizer_state(model, optimizer)
+        zero3 = zero_stage(deepspeed_engine) == 3
         pending = []
 
         def prepare() -> None:
@@ -188,11 +189,14 @@ class CheckpointManager:
             if deepspeed_engine is not None:  # collective: every rank writes its ZeRO partition
                 deepspeed_engine.save_checkpoint(str(tmp / "state" / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                                  save_latest=False)
+            if zero3:  # collective: parameters gathered one at a time, written by rank 0 as they come
+                self._write_zero3_model(model, tmp / "model")
             if sharded:  # collective: every rank writes its own shards
                 state = dcp_state(model, getattr(optimizer, "optimizer", optimizer))
                 pending.append(self._write_dcp(state, tmp / "state" / DCP_DIR, asynchronous))
             if self.rank == 0:
-                self._write_rank0_files(tmp, model, sharded, optimizer_state, scheduler, trainer_state, extra_state)
+                self._write_rank0_files(tmp, model, sharded or zero3, optimizer_state, scheduler, trainer_state,
+                                        extra_state)
 
         def publish() -> None:
             if self.rank == 0:
@@ -225,9 +229,23 @@ class CheckpointManager:
             self._async_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         return dcp.async_save(state, checkpoint_id=str(path), process_group=self._async_group)
 
-    def _write_rank0_files(self, tmp: Path, model, sharded: bool, optimizer_state, scheduler, trainer_state: dict,
-                           extra_state: dict | None) -> None:
-        if sharded:  # model/ points at the shards: export and load_model read them tensor by tensor
+    def _write_zero3_model(self, model: torch.nn.Module, directory: Path) -> None:
+        from .distributed import zero3_tensors
+
+        tensors = zero3_tensors(model)
+        if self.rank != 0:
+            for _ in tensors:  # take part in every gather
+                pass
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        shapes = [(name, tuple(p.ds_shape)) for name, p in model.named_parameters()]  # tied: listed once
+        write_safetensors(directory / MODEL_FILE, [(name, shape, lambda: next(tensors)[1]) for name, shape in shapes])
+
+    def _write_rank0_files(self, tmp: Path, model, partitioned: bool, optimizer_state, scheduler,
+                           trainer_state: dict, extra_state: dict | None) -> None:
+        if partitioned and (tmp / "model" / MODEL_FILE).is_file():  # ZeRO-3: the weights are written
+            write_model_config(model.cfg, tmp / "model")
+        elif partitioned:  # model/ points at the shards: export and load_model read them tensor by tensor
             write_model_config(model.cfg, tmp / "model", {"dcp": f"../state/{DCP_DIR}"})
         else:
             # a wrapper (LoRA, reward head) writes its own exportable model dir via save_checkpoint

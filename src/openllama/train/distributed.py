@@ -4,8 +4,8 @@ Strategies (`train.strategy`):
     ddp     Accelerate's data parallel (DDP on GPUs, gloo on CPUs); also what one process runs.
     fsdp2   PyTorch FSDP2: `fully_shard` on every `Block`, then on the root, over a 1-D device mesh
             of all ranks. Parameters, gradients and optimizer state are sharded.
-    deepspeed  DeepSpeed ZeRO stage 1 or 2 through Accelerate's DeepSpeedPlugin (optional extra):
-            optimizer state (ZeRO-1) and gradients (ZeRO-2) sharded, full parameters on every rank.
+    deepspeed  DeepSpeed ZeRO stage 1, 2 or 3 through Accelerate's DeepSpeedPlugin (optional extra):
+            optimizer state (ZeRO-1), gradients (ZeRO-2) and parameters (ZeRO-3) sharded.
     auto    what the launch asks for: fsdp2 under `accelerate launch --config_file fsdp2.yaml`
             (ACCELERATE_USE_FSDP=true), deepspeed under a deepspeed_zero*.yaml
             (ACCELERATE_USE_DEEPSPEED=true), else ddp.
@@ -83,9 +83,8 @@ def deepspeed_plugin(grad_accum_steps: int, micro_batch_size: int, grad_clip: fl
         plugin = DeepSpeedPlugin(zero_stage=int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")))
     config = plugin.deepspeed_config
     stage = config.get("zero_optimization", {}).get("stage")
-    if stage not in (1, 2):
-        raise UserError(f"DeepSpeed ZeRO stage {stage}: the engine drives ZeRO stages 1 and 2 (full parameters on "
-                        f"every rank); for sharded parameters use train.strategy=fsdp2 (configs/accelerate/fsdp2.yaml)")
+    if stage not in (1, 2, 3):
+        raise UserError(f"DeepSpeed ZeRO stage {stage}: the engine drives ZeRO stages 1, 2 and 3")
     ours = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum_steps,
             "gradient_clipping": float(grad_clip or 0.0)}  # 0: DeepSpeed does not clip (the norm is still computed)
     for key, value in ours.items():
@@ -251,3 +250,33 @@ def load_dcp_state(model: torch.nn.Module, optimizer, path) -> None:
     for group in optimizer.param_groups:  # comes back as a list; AdamW's own state_dict keeps a tuple
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3: parameters partitioned, gathered by DeepSpeed around each module's forward
+
+
+def zero_stage(ds_engine) -> int:
+    return int(ds_engine.zero_optimization_stage()) if ds_engine is not None else 0
+
+
+def prepare_zero3(model: torch.nn.Module) -> None:
+    """The output projection's weight is used by the model's own forward (the fused loss reads it
+    directly rather than calling `output`), which ZeRO-3 must be told to gather there."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(model, model.output.weight)
+
+
+def zero3_tensors(model: torch.nn.Module):
+    """(name, full CPU tensor) of every parameter, gathered one at a time (collective: every rank
+    iterates; the tensors are meaningful on rank 0). A tied weight is yielded once."""
+    import deepspeed
+
+    seen = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            yield name, param.detach().to("cpu", copy=True)

@@ -27,8 +27,9 @@ from ..errors import UserError
 from ..model import flops_per_token
 from . import checkpoint as ckpt
 from .distributed import (all_reduce_sum, check_launch, check_world, deepspeed_plugin, load_optimizer_state,
-                          load_weights, materialize, on_meta, scalar, shard_model)
-from .metrics import MetricsLog, SpikeDetector, Throughput, measure_cpu_matmul_peak, peak_flops, truncate_metrics
+                          load_weights, materialize, on_meta, prepare_zero3, scalar, shard_model, zero_stage)
+from .metrics import (MetricsLog, SpikeDetector, Throughput, host_memory, measure_cpu_matmul_peak, peak_flops,
+                      reset_peak_memory, state_bytes, truncate_metrics)
 from .objectives import Objective
 from .schedule import lr_multiplier
 
@@ -161,7 +162,11 @@ def _make_accelerator(tc: TrainConfig, oc: OptimConfig, out: Path):
     # Accelerate only goes MULTI_CPU (gloo) under torchrun when told cpu=True (see NOTES.md)
     cpu = tc.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     strategy = check_launch(tc.strategy, tc.cpu)
-    kwargs: dict[str, Any] = {}
+    # DDP: gradients are views into its all-reduce buckets rather than a second copy beside them
+    # (measured with bench/scale_bench.py: per-rank peak 1.27x -> 1.0x of `openllama plan` at 2 ranks)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    kwargs: dict[str, Any] = {"kwargs_handlers": [DistributedDataParallelKwargs(gradient_as_bucket_view=True)]}
     if strategy == "deepspeed":
         kwargs = _deepspeed_kwargs(tc, oc)
         cpu = False  # Accelerator(cpu=True) would silently drop DeepSpeed
@@ -277,6 +282,8 @@ def _prepare_model(tc: TrainConfig, oc: OptimConfig, accelerator, strategy: str,
     else:
         model, optimizer = accelerator.prepare(raw_model, optimizer)
     ds_engine = model if strategy == "deepspeed" else None
+    if zero_stage(ds_engine) == 3:
+        prepare_zero3(raw_model)
     if tc.compile:
         model = torch.compile(model)
     return _Run(tc, oc, accelerator, strategy, raw_model, model, optimizer, scheduler, ds_engine, manager, steps_total)
@@ -408,11 +415,23 @@ class _Reporter:
 
             self.bar = tqdm(total=run.steps_total, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
-    def event(self, step: int, event: str) -> None:
+    def event(self, step: int, event: str, **extra) -> None:
         self.log.write({"kind": "event", "step": step, "event": event, "world": self.run.world,
                         "strategy": self.run.strategy, "device": str(self.run.device),
                         "precision": resolve_precision(self.tc), "max_steps": self.run.steps_total,
-                        "peak_flops": self.peak})
+                        "peak_flops": self.peak, **{k: v for k, v in extra.items() if v is not None}})
+
+    def before_checkpoint(self) -> int | None:
+        """Resident memory now, with the peak restarted: the save's own peak is then measured."""
+        return host_memory().get("rss") if reset_peak_memory() else None
+
+    def checkpoint(self, step: int, seconds: float, rss_before: int | None) -> None:
+        """How long a save held training up (an asynchronous one: the copy to memory only) and how
+        much memory it took beyond what the rank held before it (this rank's)."""
+        record = {"kind": "event", "event": "checkpoint", "step": step, "seconds": seconds, "async": self.tc.async_save}
+        if rss_before is not None:
+            record["save_extra_bytes"] = host_memory()["peak_rss"] - rss_before
+        self.log.write(record)
 
     def _mfu(self, tok_s: float) -> float | None:
         if not (self.flops_tok and self.peak):
@@ -451,6 +470,27 @@ class _Reporter:
             self.run.accelerator.log({"train/loss": r.loss, "train/lr": lr, "train/grad_norm": r.grad_norm,
                                       "train/tokens_per_s": tok_s, **{f"train/{k}": v for k, v in r.metrics.items()}},
                                      step=step)
+
+    def memory(self, step: int, grads: int, start: dict[str, int]) -> None:
+        """The largest per-rank numbers: weights, gradients and optimizer state held, and host
+        memory (resident at the start, peak so far); the GPU's peak allocation where there is one."""
+        state = {**state_bytes(self.run.raw_model, self.run.optimizer), "grads": grads}
+        now = host_memory()
+        keys = ["weights", "grads", "optimizer"]
+        values = [state[k] for k in keys] + [now["peak_rss"], start.get("rss", 0)]
+        if self.run.device.type == "cuda":
+            values.append(torch.cuda.max_memory_allocated(self.run.device))
+        packed = torch.tensor(values, dtype=torch.float64, device=self.run.device)
+        if self.run.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        record = {"kind": "event", "event": "memory", "step": step,
+                  **{f"{k}_bytes": int(packed[i]) for i, k in enumerate(keys)},
+                  "peak_rss_bytes": int(packed[3]), "start_rss_bytes": int(packed[4])}
+        if self.run.device.type == "cuda":
+            record["gpu_peak_bytes"] = int(packed[5])
+        self.log.write(record)
 
     def evaluation(self, step: int, results: dict[str, float]) -> None:
         self.log.write({"kind": "eval", "step": step, **results})
@@ -510,25 +550,33 @@ def train(cfg: Section, model: torch.nn.Module, objective: Objective, out_dir: s
     from accelerate.utils import set_seed
 
     out = Path(out_dir)
+    start_memory = host_memory()  # before any weight exists: the baseline of the memory event
     run, latest = _start(cfg, model, objective, out, resume, tokenizer_dir, init_from)
     tc = run.tc
     set_seed(tc.seed + run.rank)  # each rank draws its own dropout masks (restored per rank on resume)
     batches = objective.train_batches(run.rank, run.world)
     spikes = SpikeDetector(tc.spike_factor)
+    t0 = time.perf_counter()
     step, tokens_seen = _restore(run, latest, objective, batches, spikes) if latest is not None else (0, 0)
+    restore_seconds = time.perf_counter() - t0
     if latest is not None and run.main:
         truncate_metrics(out / METRICS_FILE, step)  # the steps after the checkpoint are run again
     report = _Reporter(cfg, run, out, step, progress)
-    report.event(step, "resume" if latest else "start")
+    report.event(step, "resume" if latest else "start", restore_seconds=restore_seconds if latest else None)
     halt = min(run.steps_total, tc.halt_at_step or run.steps_total)
     saved, last_eval, last_loss, nonfinite_run = latest, {}, float("nan"), 0
+    first_step = run.ds_engine is None  # (DeepSpeed keeps gradients and optimizer state in its own buffers)
     start_eval = _evaluate(run, objective, report, 0) if eval_at_start and latest is None else None
     run.model.train()
     try:
         while step < halt:
             t0, lr = time.perf_counter(), run.optimizer.param_groups[0]["lr"]
             result = _train_step(run, objective, batches)
+            grads = state_bytes(run.raw_model, run.optimizer)["grads"] if first_step else 0
             _apply_update(run, result.finite)
+            if first_step:  # the step every later one repeats: memory per rank, as `openllama plan` predicts it
+                report.memory(step + 1, grads, start_memory)
+                first_step = False
             nonfinite_run = 0 if result.finite else nonfinite_run + 1
             step, tokens_seen, last_loss = step + 1, tokens_seen + result.tokens, result.loss
             spike = result.finite and spikes.update(result.loss)
@@ -541,7 +589,9 @@ def train(cfg: Section, model: torch.nn.Module, objective: Objective, out_dir: s
             if (tc.eval_every and step % tc.eval_every == 0) or step == run.steps_total:
                 last_eval = _evaluate(run, objective, report, step)
             if (tc.save_every and step % tc.save_every == 0) or step == halt:
+                t0, before = time.perf_counter(), report.before_checkpoint()
                 saved = _save(run, objective, batches, step, tokens_seen, spikes)
+                report.checkpoint(step, time.perf_counter() - t0, before)
         run.manager.wait()  # an asynchronous save is published before the run returns
     finally:
         report.close()

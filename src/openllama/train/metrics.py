@@ -53,6 +53,43 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> flo
     return None
 
 
+def state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Bytes this rank holds of weights, gradients and optimizer state (its shards under FSDP2;
+    what `openllama plan` predicts per GPU, so the two can be compared)."""
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = {id(p): p for p in model.parameters()}.values()  # a tied weight once
+    inner = getattr(optimizer, "optimizer", optimizer)
+    opt = sum(local(v) for state in inner.state.values() for v in state.values()
+              if isinstance(v, torch.Tensor) and v.dim() > 0)  # not AdamW's scalar step counters
+    return {"weights": sum(local(p) for p in params),
+            "grads": sum(local(p.grad) for p in params if p.grad is not None), "optimizer": opt}
+
+
+def host_memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak (bytes; Linux /proc, else the peak only)."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return {"rss": int(status["VmRSS"].split()[0]) * 1024, "peak_rss": int(status["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def reset_peak_memory() -> bool:
+    """Start a new high-water mark of resident memory (Linux: /proc/self/clear_refs), so that a
+    following `host_memory()["peak_rss"]` is the peak of what ran in between."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class Throughput:
     """Tokens/s over a sliding window of recent steps (skips the first, compile/warmup, step)."""
 
