@@ -9,6 +9,9 @@ windows this is an estimate of the corpus figure.
 
 `openllama evaluate --model DIR --data TOKENS_DIR [--device cuda --dtype bf16]` prints the results as JSON;
 DIR is anything generate/serve read (a model, step or run directory, or an exported Hugging Face one).
+`--lm-eval TASKS` runs lm-evaluation-harness tasks (names, YAML files or directories of YAMLs) on
+the model through `lm_eval_backend.OpenLlamaLM`, prints lm-eval's table and, with `--lm-eval-out`,
+writes the results as lm-eval writes them.
 """
 
 from __future__ import annotations
@@ -69,17 +72,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
     parser.add_argument("--out", default=None, help="also write the JSON results to this file")
+    lm = parser.add_argument_group("lm-evaluation-harness (the `eval` extra)")
+    lm.add_argument("--lm-eval", default=None, metavar="TASKS",
+                    help="comma-separated lm-eval task/group names, task YAML files and directories of YAMLs "
+                         "(e.g. configs/eval/demo; lm-eval's own tasks download from the Hugging Face hub)")
+    lm.add_argument("--lm-eval-limit", type=float, default=None,
+                    help="items per task (a fraction below 1: that share of each task)")
+    lm.add_argument("--lm-eval-batch-size", type=int, default=16,
+                    help="a batch holds this many rows of the model's full context (more, when shorter)")
+    lm.add_argument("--lm-eval-num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    lm.add_argument("--lm-eval-add-bos", action="store_true",
+                    help="start every context with BOS (as lm-eval's hf backend with add_bos_token=True); "
+                         "default: as the exported tokenizer, which adds none")
+    lm.add_argument("--lm-eval-bootstrap", type=int, default=100000, help="bootstrap iterations for stderr (0: none)")
+    lm.add_argument("--lm-eval-out", default=None,
+                    help="directory for lm-eval's results_<date>.json and per-task samples (as `lm_eval` writes them)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .errors import UserError
     from .generate import apply_threads, load_for_inference
 
-    if not args.data and not args.tasks:
-        raise UserError("evaluate: give --data (held-out token shards) and/or --tasks (a task file)")
+    if not args.data and not args.tasks and not args.lm_eval:
+        raise UserError("evaluate: give --data (held-out token shards), --tasks (a task file) and/or --lm-eval TASKS")
     apply_threads(args)
     # the same loading as generate/serve: our model, step and run dirs and exported HF dirs, on --device
-    loaded = load_for_inference(args.model, device=args.device, dtype=args.dtype, require_tokenizer=bool(args.tasks))
+    loaded = load_for_inference(args.model, device=args.device, dtype=args.dtype,
+                                require_tokenizer=bool(args.tasks or args.lm_eval))
     cfg, weight = loaded.model.cfg, next(loaded.model.parameters())
     scorer = torch.compile(loaded.model) if args.compile else loaded.model
     results = {"model": str(args.model), "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
@@ -97,12 +116,49 @@ def run(args: argparse.Namespace) -> int:
         results["tasks"] = task_report(loaded.model, loaded.tokenizer, load_tasks(args.tasks),
                                        max_new_tokens=args.max_new_tokens)
         results["tasks"]["file"] = str(args.tasks)
+    if args.lm_eval:
+        results["lm_eval"] = run_lm_eval(loaded, args)
     text = json.dumps(results, indent=2, ensure_ascii=False)
     printed = {k: v for k, v in results.items() if k != "tasks"}
     if args.tasks:  # the per-task answers go to --out only
         printed["tasks"] = {k: v for k, v in results["tasks"].items() if k != "samples"}
+    if args.lm_eval:  # lm-eval's table is printed already; its per-task results go to --out
+        printed["lm_eval"] = {k: v for k, v in results["lm_eval"].items() if k != "results"}
     print(json.dumps(printed, indent=2, ensure_ascii=False))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     return 0
+
+
+def run_lm_eval(loaded, args: argparse.Namespace) -> dict:
+    """lm-eval on the loaded model: prints lm-eval's table, writes its files under --lm-eval-out, and
+    returns the scores (`lm_eval/<task>/<metric>`, `core`) with the tasks' results and the time taken."""
+    import time
+
+    from .lm_eval_backend import OpenLlamaLM, evaluate_tasks, flat_scores, save_results, short_table, split_specs
+
+    limit = args.lm_eval_limit
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # lm-eval reads a float as a fraction of each task
+    lm = OpenLlamaLM(model=loaded.model, tokenizer=loaded.tokenizer, batch_size=args.lm_eval_batch_size,
+                     add_bos_token=True if args.lm_eval_add_bos else None, name=str(args.model), progress=True)
+    start = time.perf_counter()
+    results = evaluate_tasks(lm, split_specs(args.lm_eval), limit=limit, num_fewshot=args.lm_eval_num_fewshot,
+                             bootstrap_iters=args.lm_eval_bootstrap)
+    seconds = time.perf_counter() - start
+    print(short_table(results))
+    files = save_results(results, args.lm_eval_out) if args.lm_eval_out else []
+    return {"tasks": args.lm_eval, "limit": limit, "seconds": seconds, "scores": flat_scores(results),
+            "results": _plain(results.get("results", {})), "files": [str(f) for f in files]}
+
+
+def _plain(value):
+    """lm-eval's numbers (numpy scalars among them) as plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value

@@ -4,7 +4,7 @@ Each stage is the very command a user runs by hand: the demo prints it (`$ openl
 it through the same entry point (`cli.main`), so the demo cannot drift from the real stages:
 
     data builtin -> data prepare (+ verify) -> tokenizer train -> data tokenize -> pretrain
-    -> evaluate (base) -> sft -> evaluate -> dpo and/or grpo -> evaluate -> export -> chat
+    -> evaluate (base) -> sft -> evaluate -> dpo and/or grpo -> evaluate (+ lm-eval) -> export -> chat
 
 Stage presets are written to OUT/configs/*.yaml from the demo config (`configs/demo.yaml` holds the
 defaults, which equal `DEFAULTS` below); `--minutes` scales every stage's steps (and the corpus)
@@ -13,6 +13,11 @@ that training never sees (see data/builtin.py): validation loss and bits per byt
 exact-match accuracy of held-out tasks with a 95% Wilson interval (the base model is asked in the
 chat format, which its pretraining text contains, so format alone is not what SFT adds). The tasks
 are the `test` split; `eval.split=valid` evaluates on `valid` instead, for choosing a recipe.
+
+The final model's evaluation also runs the same held-out tasks as lm-evaluation-harness tasks
+(configs/eval/demo, written to OUT/eval/lm_eval_tasks over this run's data) through our lm-eval
+backend: exact match (the same number as the demo's own), multiple choice against the tasks' wrong
+answers, and the answer's log-likelihood (`eval.lm_eval=false` leaves it out; it needs the `eval` extra).
 
 The run ends with OUT/report.md (tables, plots, sample answers before and after each stage),
 OUT/results.json, a printed summary, and the command to serve the model.
@@ -90,6 +95,8 @@ class EvalSettings(Section):
     max_new_tokens: int = Field(24, gt=0)
     samples: int = Field(6, ge=0)  # sample answers shown per stage in the report
     valid_batches: int = Field(16, gt=0)  # windows of held-out text for loss / bits per byte
+    lm_eval: bool = True  # the final model on the tasks as lm-eval tasks too (when lm-eval is installed)
+    lm_eval_limit: int | None = Field(None, gt=0)  # items per lm-eval task (None: all, as the exact-match table)
 
 
 class DemoConfig(Section):
@@ -210,8 +217,39 @@ def stage_plan(cfg: DemoConfig, sec_per_step: dict[str, float]) -> list[tuple[st
             ("sft", steps["sft"] * sec_per_step["sft"]), ("evaluate sft", 10.0)]
     for method in cfg.align:
         plan += [(method, steps[method] * sec_per_step[method] + 5), (f"evaluate {method}", 10.0)]
+    if cfg.eval.lm_eval and lm_eval_available():  # the final evaluation runs the lm-eval tasks too
+        name, seconds = plan[-1]
+        plan[-1] = (name, seconds + 15.0)
     plan += [("export", 3.0), ("chat", 3.0), ("report", 5.0)]
     return plan
+
+
+def lm_eval_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+def final_lm_eval_stage(cfg: DemoConfig) -> str | None:
+    """The stage whose evaluation also runs the lm-eval tasks: the last one, when lm-eval is there."""
+    if not cfg.eval.lm_eval:
+        return None
+    if not lm_eval_available():
+        print("note: lm-eval is not installed (pip install -e '.[eval]'): the lm-eval tasks are left out", flush=True)
+        return None
+    return cfg.align[-1] if cfg.align else "sft"
+
+
+def lm_eval_args(cfg: DemoConfig, p: dict[str, Path]) -> list[str]:
+    """`evaluate` flags for the demo's tasks as lm-eval tasks over this run's data (written here)."""
+    from .lm_eval_backend import write_demo_tasks
+
+    tasks = write_demo_tasks(p["eval"] / "lm_eval_tasks", p["data"] / "tasks" / f"{cfg.eval.split}.jsonl",
+                             max_gen_toks=cfg.eval.max_new_tokens)
+    limit = ["--lm-eval-limit", str(cfg.eval.lm_eval_limit)] if cfg.eval.lm_eval_limit else []
+    # batches as large as the exact-match evaluation's; a short bootstrap for the perplexity's stderr
+    return ["--lm-eval", str(tasks), "--lm-eval-batch-size", "64", "--lm-eval-bootstrap", "200",
+            "--lm-eval-out", str(p["eval"] / "lm_eval"), *limit]
 
 
 # Seconds per optimizer step of each stage at the default sizes on a quiet 2-core CPU (measured).
@@ -314,12 +352,15 @@ def _run_demo(out, minutes, seed, config, overrides, progress, threads) -> dict[
             runner.command(["data", "tokenize", "--shards", str(p["text"] / split), "--tokenizer", str(p["tokenizer"]),
                             "--out", str(p["tokens"] / split), "--workers", "1", *quiet])
 
+    lm_eval_stage = final_lm_eval_stage(cfg)
+
     def evaluate(name: str, model: Path) -> dict:
         with runner.stage(f"evaluate {name}"):
+            extra = lm_eval_args(cfg, p) if name == lm_eval_stage else []
             runner.command(["evaluate", "--model", str(model), "--data", str(p["tokens"] / "valid"),
                             "--max-batches", str(cfg.eval.valid_batches), "--tasks",
                             str(p["data"] / "tasks" / f"{cfg.eval.split}.jsonl"), "--max-new-tokens", str(cfg.eval.max_new_tokens),
-                            "--out", str(p["eval"] / f"{name}.json")])
+                            "--out", str(p["eval"] / f"{name}.json"), *extra])
         return json.loads((p["eval"] / f"{name}.json").read_text(encoding="utf-8"))
 
     train_seed = f"train.seed={cfg.seed}"

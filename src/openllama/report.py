@@ -192,6 +192,7 @@ def write_report(out: Path, results: dict[str, Any], cfg) -> Path:
             L.append(f"| {f} | " + " | ".join(cells) + " |")
         L += ["", "The held-out set is balanced: each family gets an equal share of the tasks (n per family "
                   "above), so no family with a large problem space dominates the overall accuracy."]
+    L += _lm_eval_section(stages)
     L += ["", "## Curves", ""]
     if acc_png:
         L.append(f"![accuracy]({acc_png.name})")
@@ -221,6 +222,46 @@ def write_report(out: Path, results: dict[str, Any], cfg) -> Path:
     return report
 
 
+LM_EVAL_KINDS = {"demo_exact": "generate_until", "demo_choice": "multiple_choice", "demo_answer": "loglikelihood"}
+
+
+def _lm_eval_rows(results: dict, own: dict | None) -> list[str]:
+    rows = []
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or "stderr" in metric or not isinstance(value, (int, float)):
+                continue
+            same = ""
+            if task == "demo_exact" and metric == "exact_match" and own:
+                held = abs(value - own["accuracy"]) < 1e-9
+                same = f"{100 * own['accuracy']:.1f}% exact match (n={own['n']}) {'✅ equal' if held else '≠'}"
+            shown = f"{value:,.2f}" if metric == "perplexity" else f"{value:.3f}"
+            rows.append(f"| {task} | {LM_EVAL_KINDS.get(task, '—')} | {metric} | {shown} | {same or '—'} |")
+    return rows
+
+
+def _lm_eval_section(stages: list[dict]) -> list[str]:
+    """The final model on the demo's tasks as lm-eval tasks, beside the demo's own exact-match number."""
+    stage = next((s for s in reversed(stages) if (s.get("eval") or {}).get("lm_eval")), None)
+    if stage is None:
+        return []
+    lm = stage["eval"]["lm_eval"]
+    core = lm.get("scores", {}).get("core")
+    limit = f", the first {lm['limit']} items of each" if lm.get("limit") else ", every held-out item"
+    L = ["", f"## The same tasks through lm-evaluation-harness ({stage['name']} model)", "",
+         "The held-out tasks as lm-eval tasks (configs/eval/demo), run through our lm-eval backend by "
+         f"`openllama evaluate --lm-eval` in {lm.get('seconds', 0):.0f} s{limit}: greedy answers by exact match "
+         "(the same prompts and checker as the table above, so the same number), the reference against the "
+         "task's wrong answers by log-likelihood, and whether the reference is the greedy continuation.", "",
+         "| lm-eval task | output type | metric | value | the demo's own |", "|---|---|---|---|---|"]
+    own = None if lm.get("limit") else stage.get("tasks", {}).get("overall")  # a subset has its own number
+    L += _lm_eval_rows(lm.get("results", {}), own)
+    if core is not None:
+        L += ["", f"core (accuracy above chance, averaged over the tasks): {core:.3f}"]
+    return L
+
+
 def _cpus() -> int:
     import os
 
@@ -244,6 +285,12 @@ def print_summary(results: dict[str, Any]) -> None:
         fams = s.get("tasks", {}).get("by_family", {})
         if len(fams) > 1:
             print("            " + ", ".join(f"{f} {100 * v['accuracy']:.0f}% (n={v['n']})" for f, v in fams.items()))
+    for s in results["stages"]:
+        lm = (s.get("eval") or {}).get("lm_eval")
+        if lm:
+            shown = ", ".join(f"{k.removeprefix('lm_eval/')} {v:.3f}" for k, v in lm.get("scores", {}).items()
+                              if "perplexity" not in k)
+            print(f"  lm-eval ({s['name']} model, {lm.get('seconds', 0):.0f} s): {shown}")
     for c in results.get("checks", []):
         print(f"  [{'ok' if c['held'] else 'no'}] {c['claim']}")
     print(f"\nchat with it:  openllama chat --model {out}/hf\nserve it:      {results['serve']}")

@@ -69,6 +69,10 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     eval_every: int = Field(0, ge=0)  # steps; 0: evaluate only at the end
     eval_batches: int = Field(8, gt=0)
+    # lm-eval tasks (names, YAML files or dirs) run at every evaluation; pretraining logs
+    # lm_eval/<task>/<metric> and `core` (lm_eval_backend.py); the `eval` extra
+    eval_tasks: list[str] = []
+    eval_tasks_limit: float | None = Field(None, gt=0)  # items per task (below 1: a share of each)
     save_every: int = Field(0, ge=0)  # steps; 0: save only at the end
     keep_last: int = Field(3, gt=0)
     log_every: int = Field(10, gt=0)  # progress bar and trackers; metrics.jsonl gets every step

@@ -132,7 +132,8 @@ class PretrainObjective(Objective):
     tokens of a micro-batch (labels that cross a document boundary are ignored)."""
 
     def __init__(self, data: PretrainData, seq_len: int, micro_batch_size: int, seed: int = 0,
-                 eval_batches: int = 8, vocab_size: int | None = None):
+                 eval_batches: int = 8, vocab_size: int | None = None, eval_tasks: list[str] | None = None,
+                 eval_tasks_limit: float | None = None):
         if not data.train:
             raise UserError("data.train: no token shards given (set data.train=DIR or a list of {path, weight})")
         self.seq_len, self.micro_batch_size, self.seed, self.eval_batches = seq_len, micro_batch_size, seed, eval_batches
@@ -170,6 +171,14 @@ class PretrainObjective(Objective):
             check_token_dir(source.path, f"data.train[{i}].path", data.verify_sha256)
         if data.val is not None:
             check_token_dir(data.val, "data.val", data.verify_sha256)
+        self.lm_eval = None  # train.eval_tasks: lm-eval tasks loaded now, so a bad name fails before step 1
+        if eval_tasks:
+            from ..lm_eval_backend import TaskSuite
+            from ..tokenizer import Tokenizer
+
+            if self.tokenizer_dir is None:
+                raise UserError("train.eval_tasks: the token shards have no tokenizer beside them to encode the tasks")
+            self.lm_eval = TaskSuite(eval_tasks, Tokenizer.load(self.tokenizer_dir), limit=eval_tasks_limit)
 
     def train_batches(self, rank: int, world: int) -> PackedBatches:
         return PackedBatches(self.corpora, self.weights, self.seq_len, self.micro_batch_size, self.seed, rank, world)
@@ -181,16 +190,20 @@ class PretrainObjective(Objective):
         return loss, {}, batch["tokens"].numel()
 
     def evaluate(self, model) -> dict[str, float]:
-        """Validation loss and bits per byte, weighted over the held-out corpora by mixing weight."""
-        if not self.val:
-            return {}
+        """Validation loss and bits per byte, weighted over the held-out corpora by mixing weight, and
+        the train.eval_tasks scores (`lm_eval/<task>/<metric>`, `core`): every rank runs the same
+        items, so the numbers agree everywhere."""
         out: dict[str, float] = {}
-        results = [evaluate_corpus(model, c, self.seq_len, self.micro_batch_size, self.eval_batches) for c in self.val]
-        weights = self.weights if len(results) == len(self.weights) else [1.0] * len(results)
-        total = sum(weights)
-        for key in ("loss", "bits_per_byte"):
-            out[f"val_{key}"] = sum(w * r[key] for w, r in zip(weights, results)) / total
-        if len(results) > 1:
-            for i, r in enumerate(results):
-                out[f"val_loss_{i}"], out[f"val_bits_per_byte_{i}"] = r["loss"], r["bits_per_byte"]
+        if self.val:
+            results = [evaluate_corpus(model, c, self.seq_len, self.micro_batch_size, self.eval_batches)
+                       for c in self.val]
+            weights = self.weights if len(results) == len(self.weights) else [1.0] * len(results)
+            total = sum(weights)
+            for key in ("loss", "bits_per_byte"):
+                out[f"val_{key}"] = sum(w * r[key] for w, r in zip(weights, results)) / total
+            if len(results) > 1:
+                for i, r in enumerate(results):
+                    out[f"val_loss_{i}"], out[f"val_bits_per_byte_{i}"] = r["loss"], r["bits_per_byte"]
+        if self.lm_eval is not None:
+            out.update(self.lm_eval.scores(model))
         return out

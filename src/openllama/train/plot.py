@@ -1,7 +1,9 @@
 """`openllama plot RUN_DIR`: loss and throughput curves of a run as PNG, from its metrics.jsonl.
 
-Writes RUN_DIR/plots/loss.png (training loss per step, with validation loss where evaluated) and
-RUN_DIR/plots/throughput.png (tokens/s per step, and MFU where known).
+Writes RUN_DIR/plots/loss.png (training loss per step, with validation loss where evaluated),
+RUN_DIR/plots/throughput.png (tokens/s per step, and MFU where known) and, when the run evaluated
+lm-eval tasks (`train.eval_tasks`), RUN_DIR/plots/lm_eval.png: each task's accuracies and `core`,
+their average above chance.
 """
 
 from __future__ import annotations
@@ -61,7 +63,41 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     tput_png = out / "throughput.png"
     fig.savefig(tput_png, dpi=120)
     plt.close(fig)
-    return [loss_png, tput_png]
+    lm_png = plot_lm_eval(records, out / "lm_eval.png", run_dir.name)
+    return [loss_png, tput_png] + ([lm_png] if lm_png else [])
+
+
+# lm-eval metrics on a 0..1 scale worth a line (perplexities and the like are not)
+_LM_EVAL_ACCURACY = ("acc", "acc_norm", "exact_match")
+
+
+def plot_lm_eval(records: list[dict], path: Path, title: str) -> Path | None:
+    """Accuracy-like `lm_eval/<task>/<metric>` scores per evaluation step and `core` (bold); None
+    when the run logged none."""
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in records if r.get("kind") == "eval"]
+    keys = sorted({k for r in evals for k in r
+                   if k.startswith("lm_eval/") and k.split("/")[2] in _LM_EVAL_ACCURACY})
+    if not keys and not any("core" in r for r in evals):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        ax.plot(*zip(*points), "o-", lw=1, ms=3, label=key.removeprefix("lm_eval/"))
+    core = [(r["step"], r["core"]) for r in evals if "core" in r]
+    if core:
+        ax.plot(*zip(*core), "o-", lw=2.5, color="black", label="core (above chance)")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("score")
+    ax.set_title(f"{title}: lm-eval tasks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,7 +41,8 @@ def pretrain(cfg: PretrainConfig, out: str, resume: bool = False, progress: bool
     if cfg.init is not None and StoredWeights(cfg.init).cfg != cfg.model:
         raise UserError(f"init={cfg.init}: that model's config differs from `model` (set model to its openllama.json)")
     objective = PretrainObjective(cfg.data, cfg.train.seq_len, cfg.train.micro_batch_size, seed=cfg.train.seed,
-                                  eval_batches=cfg.train.eval_batches, vocab_size=cfg.model.vocab_size)
+                                  eval_batches=cfg.train.eval_batches, vocab_size=cfg.model.vocab_size,
+                                  eval_tasks=cfg.train.eval_tasks, eval_tasks_limit=cfg.train.eval_tasks_limit)
     # built on the meta device: the engine materialises only each rank's shards and initialises
     # them from train.seed (the same weights at every world size), or loads `init`
     with torch.device("meta"):

@@ -31,7 +31,7 @@ S = TypeVar("S", bound=Section)
 RUN_LENGTH_KEYS = ("train.max_steps", "train.max_tokens", "train.halt_at_step")
 LAYOUT_KEYS = ("train.grad_accum_steps", "train.strategy", "train.cpu", "train.compile", "train.async_save",
                "train.activation_checkpointing", "train.save_every", "train.keep_last", "train.eval_every",
-               "train.log_every", "train.trackers")
+               "train.log_every", "train.trackers", "train.eval_tasks", "train.eval_tasks_limit")
 RESUME_MAY_CHANGE = frozenset(RUN_LENGTH_KEYS + LAYOUT_KEYS)
 
 
