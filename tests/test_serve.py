@@ -33,7 +33,7 @@ def model_dir(tmp_path_factory):
 def server(model_dir):
     """The full app (API + Gradio page), no API key."""
     with torch_threads(1):
-        engine = Engine(load_for_inference(model_dir), Limits(max_new_tokens=200, max_concurrent=2))
+        engine = Engine(load_for_inference(model_dir), Limits(max_new_tokens=200, max_concurrent=32))
         with running_server(build_app(engine)) as url:
             yield url, engine
         engine.close()
@@ -122,6 +122,102 @@ def test_stop_strings(client):
     assert cut.choices[0].text == free[:free.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_concurrent_mixed_requests_equal_each_alone(server, reference):
+    """Greedy requests of different lengths, budgets and stops, 12 at once (streamed and not, chat
+    and completions): each gets exactly what the request gets alone."""
+    url, engine = server
+    gen, prompter, _ = reference
+    cases = []
+    for i in range(12):
+        messages = [{"role": "user", "content": f"Tell me about thing number {i} " + "and more " * (i % 4)}]
+        stop = ["e"] if i % 3 == 0 else None
+        cases.append((messages, 6 + 3 * i, stop, i % 2 == 0, i % 5 == 0))
+
+    def alone(messages, max_tokens, stop, chat) -> str:
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop=stop or ())
+        if chat:
+            prefix = prompter.reply_prefix(messages)
+            return gen.generate([prompter.encode(messages)], params, strip_prefix=prefix)[0].text
+        return gen.generate([messages[0]["content"]], params)[0].text
+
+    async def one(aclient, messages, max_tokens, stop, stream, chat):
+        kw = dict(model="tiny", max_tokens=max_tokens, temperature=0, stop=stop, stream=stream)
+        if chat:
+            r = await aclient.chat.completions.create(messages=messages, **kw)
+            if not stream:
+                return r.choices[0].message.content
+            return "".join([c.choices[0].delta.content or "" async for c in r if c.choices])
+        r = await aclient.completions.create(prompt=messages[0]["content"], **kw)
+        if not stream:
+            return r.choices[0].text
+        return "".join([c.choices[0].text async for c in r if c.choices])
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120) as aclient:
+            return await asyncio.gather(*(one(aclient, m, n, st, stream, not plain)
+                                          for m, n, st, stream, plain in cases))
+
+    got = asyncio.run(main())
+    assert got == [alone(m, n, st, not plain) for m, n, st, _, plain in cases]
+
+
+def test_openai_options_are_applied(client, reference):
+    """presence / frequency penalties and logit_bias change the reply exactly as the generator
+    applies them (checked against a reference loop in test_scheduler.py); seed reproduces."""
+    gen, prompter, tok = reference
+    ids = prompter.encode(HELLO)
+
+    def expected(**kw):
+        return gen.generate([ids], SamplingParams(max_new_tokens=16, temperature=0, **kw),
+                            strip_prefix=prompter.reply_prefix(HELLO))[0].text
+
+    plain = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16, temperature=0)
+    assert plain.choices[0].message.content == expected()
+    for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 1.5}, {"logit_bias": {"40": 8.0}}):
+        r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=16, temperature=0, **kw)
+        ours = {k: ({int(t): v for t, v in v.items()} if k == "logit_bias" else v) for k, v in kw.items()}
+        assert r.choices[0].message.content == expected(**ours) != plain.choices[0].message.content, kw
+    banned = client.completions.create(model="tiny", prompt="Hi", max_tokens=10, temperature=0,
+                                       logit_bias={str(t): -100 for t in range(tok.vocab_size) if t != 40})
+    assert banned.choices[0].text == tok.decode([40] * 10)
+
+
+def test_logprobs_chat_completions_and_stream(client, reference, model_dir):
+    """Log-probabilities equal the uncached model's log-softmax at each generated token, the top
+    ones are the most likely tokens, and a stream carries the same entries."""
+    import torch
+
+    gen, prompter, tok = reference
+    model = gen.model
+    ids = prompter.encode(HELLO)
+    r = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    reply = gen.generate([ids], SamplingParams(max_new_tokens=8, temperature=0))[0]
+    tokens = [t for t in reply.token_ids if t != tok.eos_id]
+    assert len(content) == len(tokens)
+    seq = list(ids)
+    with torch.no_grad():
+        for entry, t in zip(content, tokens):
+            ref = torch.log_softmax(model(torch.tensor([seq]))[0, -1].double(), -1)
+            assert abs(entry.logprob - float(ref[t])) < 1e-4
+            assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token or not entry.bytes
+            top = ref.topk(3)
+            assert [x.logprob for x in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6
+            seq.append(t)
+    streamed = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0,
+                                                   logprobs=True, top_logprobs=3, stream=True))
+    entries = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in entries] == [(e.token, round(e.logprob, 4)) for e in content]
+    legacy = client.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) >= 1
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    chat_bytes = bytes(b for e in content for b in e.bytes).decode("utf-8", "replace")
+    assert chat_bytes.strip() == r.choices[0].message.content.strip()  # the bytes spell the reply
+
+
 BAD = [
     # (endpoint, body or raw bytes, status, param)
     ("chat/completions", b'{"messages": [', 400, None),
@@ -142,7 +238,15 @@ BAD = [
     ("chat/completions", {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("chat/completions", {"messages": HELLO, "seed": 1.5}, 400, "seed"),
     ("chat/completions", {"messages": HELLO, "bogus": 1}, 400, "bogus"),
-    ("chat/completions", {"messages": HELLO, "logprobs": True}, 400, "logprobs"),
+    ("chat/completions", {"messages": HELLO, "logprobs": "yes"}, 400, "logprobs"),
+    ("chat/completions", {"messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ("chat/completions", {"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {"messages": HELLO, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("chat/completions", {"messages": HELLO, "frequency_penalty": "high"}, 400, "frequency_penalty"),
+    ("chat/completions", {"messages": HELLO, "logit_bias": {"5": 101}}, 400, "logit_bias.5"),
+    ("chat/completions", {"messages": HELLO, "logit_bias": {"hello": 1}}, 400, "logit_bias"),
+    ("chat/completions", {"messages": HELLO, "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("completions", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs"),
     ("chat/completions", {"messages": HELLO, "model": "gpt-4"}, 404, "model"),
     ("chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]}, 400, "messages"),
     ("completions", {"prompt": 3}, 400, "prompt"),
@@ -287,6 +391,9 @@ def test_full_queue_gets_429(guarded):
             next(lines)  # the one slot is now busy
             busy = h.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert busy.status_code == 429 and busy.json()["error"]["code"] == "rate_limit_exceeded"
+            assert int(busy.headers["retry-after"]) >= 1
+            streamed = h.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "stream": True})
+            assert streamed.status_code == 429  # refused before any event of a stream went out
     _wait_idle(url)
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=headers).status_code == 200
 

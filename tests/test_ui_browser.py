@@ -1,5 +1,7 @@
 """The chat page in a real browser: headless Chromium (Debian's package) driven by Playwright
-types a message into the page served by `openllama serve`'s app and watches the reply stream in."""
+types messages into the page served by `openllama serve`'s app and watches the replies stream in:
+with the server's and the page's defaults on a 256-token model (a multi-turn chat must keep
+working as the history outgrows the context), and after an error (the page stays usable)."""
 
 from __future__ import annotations
 
@@ -86,3 +88,64 @@ def test_chat_page_streams_a_reply(tmp_path):
     # replacement character that the next piece completes, so compare the last state, not the max)
     assert lengths[-1] == final_length
     assert (tmp_path / "chat.png").stat().st_size > 10_000
+
+
+OBSERVE_LAST_BOT = """() => {
+    window.__replies = [];  // [index of the last bot message, its length] at every change
+    new MutationObserver(() => {
+        const bots = document.querySelectorAll('[data-testid="bot"]');
+        if (bots.length) window.__replies.push([bots.length - 1, bots[bots.length - 1].innerText.trim().length]);
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def _send_and_wait(page, engine, text: str, n_bots: int, timeout_ms: int = 60_000,
+                   generates: bool = True) -> tuple[str, list[int]]:
+    """Type a message, wait until the engine has answered it (when it `generates`) and the page
+    shows reply `n_bots`; -> (the reply's text, the lengths it took on the page while streaming)."""
+    done_before = engine.stats["completed"] + engine.stats["failed"]
+    box = page.locator("#chat-input textarea")
+    page.wait_for_function("() => !document.querySelector('#chat-input textarea').disabled", timeout=timeout_ms)
+    box.fill(text)
+    box.press("Enter")
+    page.locator('[data-testid="bot"]').nth(n_bots - 1).wait_for(timeout=timeout_ms)
+    waited = 0
+    while generates and engine.stats["completed"] + engine.stats["failed"] == done_before and waited < timeout_ms:
+        page.wait_for_timeout(100)
+        waited += 100
+    page.wait_for_timeout(500)  # the last update reaches the page
+    reply = page.locator('[data-testid="bot"]').nth(n_bots - 1).inner_text().strip()
+    lengths = [n for i, n in page.evaluate("window.__replies") if i == n_bots - 1 and n > 0]
+    return reply, lengths
+
+
+def test_small_context_with_default_settings_then_an_error(tmp_path):
+    """`make demo`'s model has 256 tokens of context and the page's default "Max new tokens" is
+    256: every message must still get a streamed reply (the reply budget is what the context
+    leaves; the history is trimmed), and a message that cannot fit shows an error reply while
+    the input box stays usable for the next message."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with torch_threads(1):
+        engine = Engine(load_for_inference(talkative_model_dir(tmp_path)), Limits())  # every default
+        assert engine.context == 256
+        with running_server(build_app(engine)) as url, sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.locator("#chat-input textarea").wait_for(timeout=30_000)
+                page.evaluate(OBSERVE_LAST_BOT)
+                replies = [_send_and_wait(page, engine, f"Message number {i}, tell me more.", i) for i in (1, 2, 3)]
+                error, _ = _send_and_wait(page, engine, "word " * 400, 4, generates=False)
+                after, after_lengths = _send_and_wait(page, engine, "And now a short one.", 5)
+                box_enabled = page.locator("#chat-input textarea").is_enabled()
+                page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+            finally:
+                browser.close()
+        engine.close()
+    assert engine.stats["failed"] == 0 and engine.stats["completed"] == 4  # the error never reached the engine
+    for n, (reply, lengths) in enumerate(replies + [(after, after_lengths)], start=1):
+        assert "Error" not in reply and len(reply) > 20, (n, reply)
+        assert len(set(lengths)) >= 2, f"reply {n} arrived in one piece, not streamed: {lengths}"
+    assert "Error" in error and "fit in the context" in error
+    assert box_enabled

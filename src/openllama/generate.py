@@ -1,17 +1,24 @@
-"""Text generation: prefill + cached decode, sampling, stop conditions, streaming, batches.
+"""Text generation: one decode core for every caller (offline batches, the server, the terminal).
 
-The loop is deliberately plain: one prefill over the (left-padded) prompts, then one forward pass
-per new token over a preallocated KV cache whose shapes never change, so the decode step can be
-handed to `torch.compile` once and reused for every position (no recompiles).
+The core, `SlotBatch`, holds the sequences being decoded, one per row ("slot") of a preallocated
+KV cache, each at its own length. `admit(rows)` prefills new sequences (right-padded, causal, so
+no mask is needed) straight into free slots and samples their first token; `step()` runs ONE
+forward for every active sequence (per-row cache positions, `model.slot_attention_mask`) and
+samples the next token of each; a sequence that finishes leaves at once and the last active slot
+moves into its place, so active slots stay rows 0..B-1. Offline batches (`Generator.generate`,
+GRPO, tasks) run it in the calling thread; `serve.scheduler.Scheduler` runs it in a thread and
+lets requests join and leave between steps (continuous batching).
 
 - `SamplingParams`: greedy (temperature 0), temperature, top-k, top-p, repetition penalty,
-  stop strings, EOS, max new tokens, seed.
+  OpenAI's presence / frequency penalties, logit bias, logprobs, stop strings, EOS, max new
+  tokens, seed. Rows of one batch may each have their own.
+- `sample(logits, SamplingBatch)`: the whole sampling step for a batch, pure torch, row by row
+  independent (bias -> penalties -> temperature -> top-k -> top-p -> draw). Each sampled row draws
+  from its own `torch.Generator`, so seeded runs reproduce and a row's tokens never depend on what
+  else is in the batch. Greedy rows take the argmax.
 - `Generator(model, tokenizer)`: `.generate(prompts, params)` -> `Completion`s;
   `.stream(prompt, params)` -> text pieces; `.start(prompts, params)` -> a `Generation` to iterate
   step by step (one text piece per row per step) and to `cancel()` from another thread.
-- Batches are left-padded: every row writes the same cache column each step, positions are per
-  row (column - padding) and an attention mask hides the padding, so a row's tokens equal what
-  the prompt gives alone. Sampling uses one `torch.Generator` per row: seeded runs reproduce.
 - Streaming never splits a multi-byte character: text is decoded with a few tokens of context
   and held back while it ends in an incomplete UTF-8 sequence (U+FFFD) or could still be the
   start of a stop string.
@@ -23,26 +30,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import UserError
 from .artifacts import CONFIG_FILE
-from .model import KVCache, Llama
+from .model import KVCache, Llama, slot_attention_mask
 
 # -- sampling ------------------------------------------------------------------------------------
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 means greedy."""
+    """How to pick tokens and when to stop. temperature 0 means greedy.
+
+    presence_penalty / frequency_penalty are OpenAI's: logit[j] -= frequency * count[j] +
+    presence * (count[j] > 0), count = times token j was generated so far (the prompt does not
+    count). logit_bias: token id -> a value added to its logit. logprobs: None for none, 0 for the
+    chosen token's log-probability, k for that and the k most likely tokens (of the model's own
+    distribution, before bias, penalties and temperature, as vLLM reports them)."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -52,6 +68,10 @@ class SamplingParams:
     stop: Sequence[str] = ()
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +80,12 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, "must be >= 0"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("presence_penalty", math.isfinite(self.presence_penalty), "must be a finite number"),
+            ("frequency_penalty", math.isfinite(self.frequency_penalty), "must be a finite number"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"must be in [0, {MAX_TOP_LOGPROBS}]"),
+            ("logit_bias", all(math.isfinite(v) for v in (self.logit_bias or {}).values()),
+             "values must be finite numbers"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -67,49 +93,141 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()} or None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the argmax of the model's output."""
+        return (self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and not self.logit_bias and self.logprobs is None)
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make tokens already in the text less likely: positive logits / penalty, negative * penalty."""
-    if penalty == 1.0:
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """Make tokens already in the text less likely: positive logits / penalty, negative * penalty.
+    `penalty` a float, or (B, 1) for one per row."""
+    if isinstance(penalty, float) and penalty == 1.0:
         return logits
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set to -inf every logit outside the top k and outside the smallest set with mass >= top_p."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+def apply_presence_frequency(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                             frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: logits - frequency * counts - presence * (counts > 0); counts (B, V) of
+    the tokens generated so far, presence / frequency (B, 1)."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the smallest set with mass >= top_p
+    (top-p measured after top-k, as transformers chains its warpers). Either may be one value or
+    one per row ((B,) tensors); top_k 0 and top_p 1 are off."""
+    B, V = logits.shape
+    k = torch.as_tensor(top_k, device=logits.device).expand(B)
+    on = (k > 0) & (k < V)
+    if bool(on.any()):
+        k = torch.where(on, k, V)
+        top = torch.topk(logits, int(k.max()), dim=-1).values
+        kth = top.gather(1, (k - 1)[:, None])  # ties with the k-th stay, as in transformers
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    p = torch.as_tensor(top_p, device=logits.device, dtype=torch.float32).expand(B)
+    if bool((p < 1.0).any()):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= p[:, None]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
-                generators: list[torch.Generator]) -> torch.Tensor:
-    """(B, V) logits of the last position -> (B,) next token ids."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-    if params.greedy:
-        return logits.argmax(-1)
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(-1)
-    # one generator per row: a row's samples do not depend on what else is in the batch
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+@dataclass
+class SamplingBatch:
+    """The sampling settings of B rows as tensors (None: no row uses that setting) and the rows'
+    histories: `seen` (B, V) bool, tokens of the prompt and the reply (repetition penalty);
+    `counts` (B, V) float, times each token was generated (presence / frequency penalties)."""
+
+    temperature: torch.Tensor  # (B,), 0 = greedy
+    top_k: torch.Tensor | None = None  # (B,) long, 0 = off
+    top_p: torch.Tensor | None = None  # (B,), 1 = off
+    repetition_penalty: torch.Tensor | None = None  # (B,)
+    presence_penalty: torch.Tensor | None = None  # (B,)
+    frequency_penalty: torch.Tensor | None = None  # (B,)
+    logit_bias: torch.Tensor | None = None  # (B, V), added to the logits
+    seen: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    generators: Sequence[torch.Generator | None] = ()  # one per row; None for greedy rows
+    top_logprobs: int = -1  # -1: no log-probabilities; 0: the chosen token's; k: and the k most likely
+    all_greedy: bool = False  # a hint: every temperature is 0 (skips a device-to-host check per step)
+
+
+@dataclass
+class Sampled:
+    """What `sample` picked: ids (B,); with logprobs, the chosen tokens' log-probabilities (B,) and
+    the most likely tokens (B, k) with theirs."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+def process_logits(logits: torch.Tensor, s: SamplingBatch) -> torch.Tensor:
+    """The deterministic part, before temperature: logit bias, then the penalties (vLLM's order)."""
+    logits = logits.float()
+    if s.logit_bias is not None:
+        logits = logits + s.logit_bias
+    if s.repetition_penalty is not None:
+        logits = apply_repetition_penalty(logits, s.seen, s.repetition_penalty[:, None])
+    if s.presence_penalty is not None or s.frequency_penalty is not None:
+        zero = torch.zeros(logits.shape[0], device=logits.device)
+        presence = s.presence_penalty if s.presence_penalty is not None else zero
+        frequency = s.frequency_penalty if s.frequency_penalty is not None else zero
+        logits = apply_presence_frequency(logits, s.counts, presence[:, None], frequency[:, None])
+    return logits
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling, one uniform in [0, 1) per row: the first token whose cumulative
+    probability exceeds u * total. Tokens of probability 0 are never drawn. One random number per
+    row (drawn from the row's own generator) instead of a multinomial call per row."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    x = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def sample(logits: torch.Tensor, s: SamplingBatch) -> Sampled:
+    """(B, V) logits of each row's last position -> the next token of each row (+ log-probs)."""
+    if s.all_greedy and s.top_logprobs < 0 and s.logit_bias is None and s.repetition_penalty is None \
+            and s.presence_penalty is None and s.frequency_penalty is None:
+        return Sampled(logits.argmax(-1))  # plain greedy: nothing else to do
+    x = process_logits(logits, s)
+    ids = x.argmax(-1)
+    greedy = s.temperature == 0
+    if not s.all_greedy and not bool(greedy.all()):
+        t = torch.where(greedy, torch.ones_like(s.temperature), s.temperature)
+        x = x / t[:, None]
+        if s.top_k is not None or s.top_p is not None:
+            x = filter_top_k_top_p(x, s.top_k if s.top_k is not None else 0, s.top_p if s.top_p is not None else 1.0)
+        zero = torch.zeros((), device=x.device)
+        u = torch.stack([torch.rand((), generator=g, device=x.device) if g is not None else zero
+                         for g in s.generators])
+        ids = torch.where(greedy, ids, draw(x.softmax(-1), u))
+    out = Sampled(ids)
+    if s.top_logprobs >= 0:
+        lp = torch.log_softmax(logits.float(), -1)
+        out.logprobs = lp.gather(1, ids[:, None]).squeeze(1)
+        if s.top_logprobs > 0:
+            out.top_logprobs, out.top_ids = lp.topk(s.top_logprobs, dim=-1)
+    return out
 
 
 # -- streaming text ------------------------------------------------------------------------------
-
 
 class TextStream:
     """Turns one row's token ids into text pieces that never split a character or leak a stop string.
@@ -194,82 +312,7 @@ class TextStream:
         return best
 
 
-# -- the generator -------------------------------------------------------------------------------
-
-
-class StaticKVCache(KVCache):
-    """A KV cache whose buffers are allocated once for the whole generation.
-
-    Eager (`static` False): a plain `KVCache`: writes at `start`, attention sees the filled columns.
-    Compiled (`static` True): `update` writes at the columns in `write_idx` (a tensor the generator
-    sets before each forward) and returns the full buffers, the attention mask hiding the unwritten
-    columns; `start` is ignored, so the model is called with a constant `start_pos` and the compiled
-    decode step never recompiles as the position advances.
-    """
-
-    def __init__(self, cfg, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        super().__init__(cfg, batch_size, max_len, device=device, dtype=dtype)
-        self.write_idx = torch.zeros(1, dtype=torch.long, device=device)
-        self.static = False
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        if not self.static:
-            return super().update(layer, start, k, v)
-        self.k[layer].index_copy_(2, self.write_idx, k)
-        self.v[layer].index_copy_(2, self.write_idx, v)
-        return self.k[layer], self.v[layer]
-
-
-@dataclass
-class Completion:
-    """One finished row: its text, ids and why it stopped ('stop' = EOS or a stop string, 'length')."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-class Generation:
-    """One running batch. Iterate it to advance one token at a time: each item is a list with the
-    new text of every row ('' when a row has nothing new or is done). `completions` is filled
-    when iteration ends. `cancel()` (any thread) stops it before the next step."""
-
-    def __init__(self, gen: "Generator", prompts: list[list[int]], params: SamplingParams,
-                 seeds: Sequence[int | None] | None, strip_prefix: str = ""):
-        self.gen, self.params = gen, params
-        self.strip_prefix = strip_prefix
-        self.prompts = prompts
-        self.completions: list[Completion] = []
-        self._cancel = threading.Event()
-        base = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
-        seeds = list(seeds) if seeds is not None else [base + i for i in range(len(prompts))]
-        if len(seeds) != len(prompts):
-            raise ValueError("one seed per prompt")
-        self.seeds = [s if s is not None else base + i for i, s in enumerate(seeds)]
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def __iter__(self) -> Iterator[list[str]]:
-        return self.gen._run(self)
-
-    def run(self) -> list[Completion]:
-        for _ in self:
-            pass
-        return self.completions
+# -- one sequence, one batch of them ---------------------------------------------------------------
 
 
 class _NoText:
@@ -282,6 +325,367 @@ class _NoText:
 
     def finish(self) -> str:
         return ""
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability and, when asked for, the most likely tokens at its place."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """One finished row: its text, ids and why it stopped ('stop' = EOS or a stop string, 'length').
+    `logprobs`: one entry per generated token (the EOS that ends a row has none), when asked for."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+class Row:
+    """One sequence being generated: prompt, settings, its own sampling generator, the text so far,
+    where it stands in the KV cache, and what it produced since the last `take()`."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, seed: int, max_new: int, stream, device,
+                 owner=None):
+        self.prompt, self.params, self.seed, self.max_new, self.stream = prompt, params, seed, max_new, stream
+        self.owner = owner  # the Generation it belongs to
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+        self.out: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.finish: str | None = None
+        self.length = 0  # tokens in the KV cache
+        self.next_token = -1  # sampled, not yet in the cache
+        self._piece, self._sent_logprobs = "", 0
+
+    def accept(self, token: int, eos_id: int | None, entry: TokenLogprob | None) -> None:
+        """A newly sampled token: text, stop conditions."""
+        self.out.append(token)
+        self.next_token = token
+        if token == eos_id and not self.params.ignore_eos:
+            self.finish = "stop"
+            self._piece += self.stream.finish()
+            return
+        if entry is not None:
+            self.logprobs.append(entry)
+        self._piece += self.stream.push(token)
+        if self.stream.stopped:
+            self.finish = "stop"
+        elif len(self.out) >= self.max_new:
+            self.end("length")
+
+    def end(self, reason: str = "length") -> None:
+        """Stopped from outside (cancelled) or out of room: flush the text held back."""
+        if self.finish is None:
+            self.finish = reason
+            self._piece += self.stream.finish()
+
+    def take(self) -> tuple[str, list[TokenLogprob]]:
+        """Text and log-prob entries produced since the last call."""
+        piece, self._piece = self._piece, ""
+        new = []
+        if self.logprobs is not None:
+            new, self._sent_logprobs = self.logprobs[self._sent_logprobs:], len(self.logprobs)
+        return piece, new
+
+    def completion(self) -> Completion:
+        return Completion(self.stream.text, list(self.out), self.finish or "length", len(self.prompt),
+                          list(self.logprobs) if self.logprobs is not None else None)
+
+
+class StepPieces(list):
+    """One step of a Generation: the new text of each row (a list of str, '' when nothing new), and
+    in `.logprobs` each row's new log-prob entries (empty lists unless asked for)."""
+
+    def __init__(self, pieces: list[str], logprobs: list[list[TokenLogprob]]):
+        super().__init__(pieces)
+        self.logprobs = logprobs
+
+
+class Generation:
+    """One request: a few rows (prompts x n) generated together. Iterate it to run it in this thread,
+    one list of text pieces per step (one per row); or hand it to `serve.scheduler.Scheduler`,
+    which decodes it in one batch with every other running request. `completions` is filled when
+    it ends. `cancel()` (any thread) stops it before the next step."""
+
+    def __init__(self, gen: "Generator", rows: list[Row]):
+        self.gen, self.rows = gen, rows
+        self.prompts = [r.prompt for r in rows]
+        self.params = rows[0].params
+        self.completions: list[Completion] = []
+        self._cancel = threading.Event()
+        for r in rows:
+            r.owner = self
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return all(r.finish is not None for r in self.rows)
+
+    def take_step(self) -> StepPieces:
+        taken = [r.take() for r in self.rows]
+        return StepPieces([t for t, _ in taken], [lp for _, lp in taken])
+
+    def finalize(self) -> None:
+        for r in self.rows:
+            r.end()
+        self.completions = [r.completion() for r in self.rows]
+
+    def __iter__(self) -> Iterator[StepPieces]:
+        return self.gen._run(self)
+
+    def run(self) -> list[Completion]:
+        for _ in self:
+            pass
+        return self.completions
+
+
+class SlotBatch:
+    """The decode core: the active sequences, one per KV-cache row ("slot"), rows 0..B-1.
+
+    `admit(rows)` prefills new sequences into the next free slots (right-padded and causal, so no
+    mask: a padded position is never seen by a real one, and its junk keys sit beyond the row's
+    length, where the decode mask hides them until they are overwritten) and samples their first
+    token. `step()` is one forward over every active sequence, each at its own length (per-row
+    positions and cache columns), and samples the next token of each. Finished sequences leave at
+    once; the last active slot moves into the hole. The cache grows (rows and columns, by copying)
+    as the batch needs it, up to `max_rows` x the context, so a server that never sees long
+    sequences never allocates for them. Not thread-safe: one thread drives it."""
+
+    def __init__(self, gen: "Generator", max_rows: int, prefill_tokens: int | None = None):
+        self.gen, self.max_rows, self.prefill_tokens = gen, max_rows, prefill_tokens
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        self.cap_rows = self.cap_len = 0
+        self.state: dict[str, torch.Tensor] = {}  # "seen", "counts", "bias": (cap_rows, vocab) per slot
+        self._settings: SamplingBatch | None = None  # of all active rows, until the batch changes
+        self._next_ids: torch.Tensor | None = None  # the last step's sampled ids (valid with _settings)
+
+    @property
+    def free(self) -> int:
+        return self.max_rows - len(self.rows)
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Room for `rows` slots of `length` tokens (grown geometrically, so rarely)."""
+        if self.cache is not None and rows <= self.cap_rows and length <= self.cap_len:
+            return
+        if rows > self.max_rows or length > self.gen.max_seq_len:
+            raise ValueError(f"KV cache: {rows} rows x {length} > {self.max_rows} x {self.gen.max_seq_len}")
+        new_rows = min(self.max_rows, max(rows, 2 * self.cap_rows, 4)) if self.cache is not None else rows
+        new_len = min(self.gen.max_seq_len, max(_round_up(length, 64), 2 * self.cap_len))
+        cache = KVCache(self.gen.cfg, new_rows, new_len, device=self.gen.device, dtype=self.gen.dtype)
+        if self.cache is not None:
+            n = len(self.rows)
+            for new, old in zip((*cache.k, *cache.v), (*self.cache.k, *self.cache.v)):
+                new[:n, :, :self.cap_len] = old[:n]
+        self.cache, self.cap_rows, self.cap_len = cache, new_rows, new_len
+        for name, old in self.state.items():
+            self.state[name] = torch.zeros((new_rows, old.shape[1]), dtype=old.dtype, device=old.device)
+            self.state[name][:old.shape[0]] = old
+        self._settings = None
+
+    def _state(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if name not in self.state:
+            self.state[name] = torch.zeros((self.cap_rows, self.gen.cfg.vocab_size), dtype=dtype,
+                                           device=self.gen.device)
+            self._settings = None
+        return self.state[name]
+
+    def _start_state(self, lo: int, rows: list[Row]) -> None:
+        """Per-slot sampling state of newly admitted rows (a slot may hold an old sequence's)."""
+        if any(r.params.repetition_penalty != 1.0 for r in rows):
+            self._state("seen", torch.bool)
+        if any(r.params.presence_penalty or r.params.frequency_penalty for r in rows):
+            self._state("counts", torch.float32)
+        if any(r.params.logit_bias for r in rows):
+            self._state("bias", torch.float32)
+        for t in self.state.values():
+            t[lo:lo + len(rows)] = 0
+        for i, r in enumerate(rows, start=lo):
+            if r.params.repetition_penalty != 1.0:
+                self.state["seen"][i, torch.tensor(r.prompt, device=self.gen.device)] = True
+            if r.params.logit_bias:
+                ids = torch.tensor(list(r.params.logit_bias), device=self.gen.device)
+                if int(ids.min()) < 0 or int(ids.max()) >= self.gen.cfg.vocab_size:
+                    raise UserError(f"logit_bias: token ids must be in [0, {self.gen.cfg.vocab_size})")
+                self.state["bias"][i, ids] = torch.tensor(list(r.params.logit_bias.values()), device=self.gen.device)
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def _sampling(self, rows: list[Row], lo: int) -> SamplingBatch:
+        ps = [r.params for r in rows]
+        dev, hi = self.gen.device, lo + len(rows)
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        s = SamplingBatch(column([p.temperature for p in ps]), generators=[r.generator for r in rows],
+                          all_greedy=all(p.greedy for p in ps))
+        if any(p.top_k for p in ps):
+            s.top_k = column([p.top_k for p in ps], torch.long)
+        if any(p.top_p < 1.0 for p in ps):
+            s.top_p = column([p.top_p for p in ps])
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            s.repetition_penalty, s.seen = column([p.repetition_penalty for p in ps]), self.state["seen"][lo:hi]
+        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+            s.presence_penalty = column([p.presence_penalty for p in ps])
+            s.frequency_penalty = column([p.frequency_penalty for p in ps])
+            s.counts = self.state["counts"][lo:hi]
+        if any(p.logit_bias for p in ps):
+            s.logit_bias = self.state["bias"][lo:hi]
+        s.top_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
+        return s
+
+    def _record(self, rows: list[Row], lo: int, out: Sampled) -> None:
+        """Hand each row its sampled token; update the penalty histories."""
+        n = len(rows)
+        if self.state:
+            rng = torch.arange(n, device=out.ids.device)
+            if "counts" in self.state:
+                self.state["counts"][lo:lo + n][rng, out.ids] += 1
+            if "seen" in self.state:
+                self.state["seen"][lo:lo + n][rng, out.ids] = True
+        ids = out.ids.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        tops = list(zip(out.top_ids.tolist(), out.top_logprobs.tolist())) if out.top_ids is not None else None
+        eos = self.gen.eos_id
+        for i, (r, tok) in enumerate(zip(rows, ids)):
+            entry = None
+            if r.logprobs is not None:
+                k = r.params.logprobs
+                entry = TokenLogprob(tok, lps[i], list(zip(tops[i][0][:k], tops[i][1][:k])) if k else [])
+            r.accept(tok, eos, entry)
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill `rows` into free slots (in groups of at most `prefill_tokens` padded tokens) and
+        sample their first tokens. Rows that finish at once (EOS, one token) leave again."""
+        if len(rows) > self.free:
+            raise ValueError(f"{len(rows)} sequences, {self.free} free slots")
+        # shortest first, a new group when padding would exceed a quarter of the group's tokens
+        # (or the budget): right-padding computes the pad tokens too
+        group: list[Row] = []
+        real = 0
+        for r in sorted(rows, key=lambda r: len(r.prompt)):
+            width = len(r.prompt)  # the longest so far
+            padded = width * (len(group) + 1)
+            over_budget = self.prefill_tokens is not None and padded > self.prefill_tokens
+            if group and (over_budget or padded > 1.25 * (real + width)):
+                self._prefill(group)
+                group, real = [], 0
+            group.append(r)
+            real += width
+        if group:
+            self._prefill(group)
+        self._evict_finished()
+
+    def _prefill(self, group: list[Row]) -> None:
+        lens = [len(r.prompt) for r in group]
+        head = getattr(self.gen.model, "output", None)  # a wrapper (LoRA) may not expose it
+        if min(lens) != max(lens) and not isinstance(head, torch.nn.Module):
+            for length in sorted(set(lens)):  # one prefill per prompt length: no padding needed
+                self._prefill([r for r in group if len(r.prompt) == length])
+            return
+        lo, n = len(self.rows), len(group)
+        T = max(lens)
+        self.reserve(lo + n, T)
+        tokens = torch.full((n, T), self.gen.pad_id, dtype=torch.long)
+        for i, r in enumerate(group):
+            tokens[i, :lens[i]] = torch.tensor(r.prompt, dtype=torch.long)
+        tokens = tokens.to(self.gen.device)
+        view = self.cache.rows(lo, lo + n)
+        if min(lens) == T:  # no padding: the plain causal prefill, last position only
+            logits = self.gen._forward(tokens, None, None, view, 0)
+        else:  # right-padded: each row's logits at its own last token (only those are projected)
+            h = self.gen.model(tokens, cache=view, start_pos=0, return_hidden=True)
+            logits = head(h[torch.arange(n, device=h.device), torch.tensor(lens, device=h.device) - 1])
+        self.rows.extend(group)
+        self._settings = None
+        for r, length in zip(group, lens):
+            r.length = length
+        self._start_state(lo, group)
+        self._record(group, lo, sample(logits, self._sampling(group, lo)))
+
+    def step(self) -> None:
+        """One forward for every active sequence; each gets its next token."""
+        rows = self.rows
+        if not rows:
+            return
+        B = len(rows)
+        lengths = [r.length for r in rows]
+        longest = max(lengths)
+        if B > self.cap_rows or longest >= self.cap_len:
+            self.reserve(B, longest + 1)
+        dev = self.gen.device
+        if self._settings is not None:  # the same rows as the last step: its sampled ids, no host copy
+            tokens = self._next_ids[:, None]
+        else:
+            tokens = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=dev)
+        view = self.cache if B == self.cap_rows else self.cache.rows(0, B)
+        if not self.gen.compiled and min(lengths) == max(lengths):
+            # every row at the same length (always so for one sequence): no mask, one start column
+            logits = self.gen._step(tokens, None, None, view, lengths[0])
+        else:
+            # compiled: attend over the whole cache so shapes change only with B (no recompiles per step)
+            S = self.cap_len if self.gen.compiled else longest + 1
+            starts = torch.tensor(lengths, dtype=torch.long, device=dev)
+            logits = self.gen._step(tokens, starts[:, None], slot_attention_mask(starts, 1, S), view, starts)
+        for r in rows:
+            r.length += 1
+        if self._settings is None:
+            self._settings = self._sampling(rows, 0)
+        out = sample(logits, self._settings)
+        self._next_ids = out.ids
+        self._record(rows, 0, out)
+        self._evict_finished()
+
+    def drop(self, rows: Sequence[Row]) -> None:
+        """Remove rows before they finish (cancelled): their slots are free for the next step."""
+        for r in rows:
+            r.end()
+        self._evict_finished()
+
+    def _evict_finished(self) -> None:
+        gone = [i for i, r in enumerate(self.rows) if r.finish is not None]
+        for i in reversed(gone):
+            last = len(self.rows) - 1
+            if i != last:
+                self.cache.move_row(last, i, self.rows[last].length)
+                for t in self.state.values():
+                    t[i] = t[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        if gone:
+            self._settings = None
+
+
+# -- the generator -------------------------------------------------------------------------------
 
 
 class Generator:
@@ -300,11 +704,10 @@ class Generator:
         self.pad_id = pad if pad is not None and 0 <= pad < self.cfg.vocab_size else 0
         self.compiled = compile
         self._step = self._forward
-        if compile:
-            self._step = torch.compile(self._forward, fullgraph=False, dynamic=False)
+        if compile:  # shapes vary with the batch size: compiled once per size, then marked dynamic
+            self._step = torch.compile(self._forward, fullgraph=False)
 
-    def _forward(self, tokens, positions, mask, cache, start_pos: int = 0):
-        # compiled: positions and cache.write_idx carry the position, start_pos stays 0 on purpose
+    def _forward(self, tokens, positions, mask, cache, start_pos=0):
         return self.model(tokens, positions=positions, attn_mask=mask, cache=cache, start_pos=start_pos,
                           last_only=True)[:, -1]
 
@@ -317,19 +720,31 @@ class Generator:
             return self.tokenizer.encode(prompt, bos=True)
         return list(prompt)
 
+    def row(self, prompt: str | Sequence[int], params: SamplingParams, seed: int, strip_prefix: str = "") -> Row:
+        """One sequence to generate, checked against the context."""
+        ids = self.encode(prompt)
+        if not ids:
+            raise UserError("generate: empty prompt (no tokens)")
+        if len(ids) >= self.max_seq_len:
+            raise UserError(f"generate: prompt has {len(ids)} tokens; the context holds {self.max_seq_len}")
+        stream = _NoText() if self.tokenizer is None else TextStream(self.tokenizer, ids, params.stop, strip_prefix)
+        max_new = min(params.max_new_tokens, self.max_seq_len - len(ids))
+        return Row(ids, params, seed, max_new, stream, self.device)
+
     def start(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
               seeds: Sequence[int | None] | None = None, strip_prefix: str = "") -> Generation:
-        """A batch ready to run. `strip_prefix`: text each reply starts with that the prompt already
-        shows (`ChatPrompter.reply_prefix`), left out of the reply text."""
-        ids = [self.encode(p) for p in prompts]
-        if not ids:
+        """A batch ready to run. Row i samples with seed `seeds[i]`, else params.seed + i, else a
+        random one. `strip_prefix`: text each reply starts with that the prompt already shows
+        (`ChatPrompter.reply_prefix`), left out of the reply text."""
+        if not prompts:
             raise UserError("generate: no prompts")
-        for row in ids:
-            if not row:
-                raise UserError("generate: empty prompt (no tokens)")
-            if len(row) >= self.max_seq_len:
-                raise UserError(f"generate: prompt has {len(row)} tokens; the context holds {self.max_seq_len}")
-        return Generation(self, ids, params, seeds, strip_prefix)
+        base = params.seed if params.seed is not None else int.from_bytes(os.urandom(6), "little")
+        seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError("one seed per prompt")
+        rows = [self.row(p, params, s if s is not None else base + i, strip_prefix)
+                for i, (p, s) in enumerate(zip(prompts, seeds))]
+        return Generation(self, rows)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
                  seeds: Sequence[int | None] | None = None, strip_prefix: str = "") -> list[Completion]:
@@ -342,105 +757,29 @@ class Generator:
             if pieces[0]:
                 yield pieces[0]
 
-    # -- the loop --------------------------------------------------------------------------------
+    # -- running one batch in this thread ----------------------------------------------------------
 
-    def _run(self, g: Generation) -> Iterator[list[str]]:
+    def _run(self, g: Generation) -> Iterator[StepPieces]:
         # eval mode (no dropout) while generating; a model in training (GRPO rollouts) goes back after
         was_training = self.model.training
         self.model.eval()
         try:
-            yield from self._decode(g)
+            batch = SlotBatch(self, len(g.rows))
+            need = max(len(r.prompt) + r.max_new - 1 for r in g.rows)
+            batch.reserve(len(g.rows), min(self.max_seq_len, _round_up(need, 64)))
+            with torch.inference_mode():
+                batch.admit(g.rows)
+            yield g.take_step()
+            while batch.rows and not g.cancelled:
+                with torch.inference_mode():
+                    batch.step()
+                yield g.take_step()
+            g.finalize()
+            tail = g.take_step()
+            if any(tail):
+                yield tail
         finally:
             self.model.train(was_training)
-
-    @torch.inference_mode()  # on a generator, torch enters/leaves it around each step, not across yields
-    def _decode(self, g: Generation) -> Iterator[list[str]]:
-        params, prompts, dev = g.params, g.prompts, self.device
-        B = len(prompts)
-        lens = torch.tensor([len(p) for p in prompts], device=dev)
-        T = int(lens.max())
-        new_max = min(params.max_new_tokens, self.max_seq_len - T)
-        # cache length rounded up, so repeated requests of similar size reuse compiled shapes
-        S = min(_round_up(T + new_max, 64), max(self.max_seq_len, T + new_max))
-        pad = T - lens  # left padding per row
-        tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            tokens[i, T - len(p):] = torch.tensor(p, dtype=torch.long, device=dev)
-
-        cols = torch.arange(S, device=dev)
-        valid = cols[None, :] >= pad[:, None]  # (B, S): real (non-padding) columns
-        valid[:, T:] = False
-        # prefill mask: causal, no padding keys; a padding query sees itself so no row is all-masked
-        q_cols = torch.arange(T, device=dev)
-        causal = cols[None, :] <= q_cols[:, None]  # (T, S)
-        mask = (causal[None] & valid[:, None, :]) | (cols[None, None, :] == q_cols[None, :, None])
-        positions = (q_cols[None, :] - pad[:, None]).clamp(min=0)
-
-        padded = bool((pad > 0).any())
-        cache = StaticKVCache(self.cfg, B, S, device=dev, dtype=self.dtype)
-        # prefill runs eager, on the plain cache (columns 0..T-1); without padding it is simply causal
-        logits = self._forward(tokens, positions if padded else None, mask[:, None, :, :T] if padded else None, cache)
-        cache.static = self.compiled
-
-        seen = torch.zeros(B, self.cfg.vocab_size, dtype=torch.bool, device=dev)
-        if params.repetition_penalty != 1.0:
-            for i, p in enumerate(prompts):  # the prompt's own tokens count as seen (not the padding)
-                seen[i, torch.tensor(p, device=dev)] = True
-        gens = []
-        if not params.greedy:
-            for s in g.seeds:
-                gen = torch.Generator(device=dev)
-                gen.manual_seed(s)
-                gens.append(gen)
-        if self.tokenizer is None:
-            streams = [_NoText() for _ in prompts]
-        else:
-            streams = [TextStream(self.tokenizer, p, params.stop, g.strip_prefix) for p in prompts]
-        out_ids: list[list[int]] = [[] for _ in range(B)]
-        finish: list[str | None] = [None] * B
-
-        for step in range(new_max):
-            if g.cancelled:
-                break
-            next_ids = pick_tokens(logits, params, seen, gens)
-            host = next_ids.tolist()
-            pieces = [""] * B
-            for i, tok in enumerate(host):
-                if finish[i] is not None:
-                    continue
-                out_ids[i].append(tok)
-                if tok == self.eos_id and not params.ignore_eos:
-                    finish[i] = "stop"
-                    pieces[i] = streams[i].finish()
-                    continue
-                pieces[i] = streams[i].push(tok)
-                if streams[i].stopped:
-                    finish[i] = "stop"
-            yield pieces
-            if all(f is not None for f in finish) or step == new_max - 1:
-                break
-            if params.repetition_penalty != 1.0:
-                seen.scatter_(1, next_ids[:, None], True)
-            col = T + step
-            if self.compiled:  # one shape every step: full cache, mask over the unwritten columns
-                valid[:, col] = True
-                cache.write_idx = cols[col:col + 1]
-                logits = self._step(next_ids[:, None], (col - pad)[:, None], valid[:, None, None, :], cache)
-            elif padded:  # the cache's filled columns; the mask hides the padding
-                valid[:, col] = True
-                logits = self._step(next_ids[:, None], (col - pad)[:, None], valid[:, None, None, :col + 1], cache, col)
-            else:  # every row at the same position: no mask, positions from start_pos
-                logits = self._step(next_ids[:, None], None, None, cache, col)
-
-        tail = [""] * B
-        for i in range(B):
-            if finish[i] is None:
-                finish[i] = "length"
-                tail[i] = streams[i].finish()
-        if any(tail):
-            yield tail
-        g.completions = [Completion(s.text, ids, f, len(p))
-                         for s, ids, f, p in zip(streams, out_ids, finish, prompts)]
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -523,6 +862,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, on generated tokens")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, on generated tokens")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None)
 
@@ -546,7 +887,8 @@ def apply_threads(args: argparse.Namespace) -> None:
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
-                          seed=args.seed)
+                          seed=args.seed, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -559,21 +901,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the server's engine, so `openllama generate`, `openllama chat` and `openllama serve` share one
+    # decode path (imported here: serve/ builds on this module, not the other way round)
+    from .serve.scheduler import Scheduler
+
     prompts = [sys.stdin.read() if p == "-" else p for p in args.prompt]
     if not prompts:
         raise UserError("generate: give at least one --prompt")
     params = sampling_from_args(args)
     apply_threads(args)
     loaded = load_for_inference(args.model, args.device, args.dtype)
-    gen = Generator(loaded.model, loaded.tokenizer, compile=args.compile)
+    engine = Scheduler(Generator(loaded.model, loaded.tokenizer, compile=args.compile), max_slots=len(prompts))
+    try:
+        return _print_results(engine, prompts, params, args)
+    finally:
+        engine.close()
+
+
+def _print_results(engine, prompts: list[str], params: SamplingParams, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if len(prompts) == 1 and not (args.no_stream or args.json):
-        for piece in gen.stream(prompts[0], params):
+        for piece in engine.stream(prompts[0], params):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    results = gen.generate(prompts, params)
+    results = engine.generate(prompts, params)
     for prompt, c in zip(prompts, results):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,

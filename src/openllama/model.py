@@ -19,6 +19,9 @@ time than logits + `F.cross_entropy`, with the same value and gradients.
 Inference: `KVCache` holds keys and values for prefill + cached decode (`start_pos`). Batches of
 prompts with different lengths are left-padded: `padding_positions` and `padding_attention_mask`
 build the `positions` and `attn_mask` that make each row compute exactly what it would alone.
+Continuous batching (`serve/scheduler.py`) keeps one sequence per cache row ("slot"), each at its
+own length: `start_pos` is then a (B,) tensor and `slot_attention_mask` hides what a row has not
+written.
 
 Files: a model directory is `openllama.json` + `model.safetensors` (`save_model` / `load_model`);
 `load_model` also accepts a checkpoint step or run directory (`artifacts.resolve_model_dir`).
@@ -136,6 +139,16 @@ def padding_attention_mask(valid: torch.Tensor, q_len: int) -> torch.Tensor:
     return (mask | (k_idx == q_idx))[:, None]
 
 
+def slot_attention_mask(lengths: torch.Tensor, q_len: int, seen: int) -> torch.Tensor:
+    """Boolean (B, 1, q_len, seen) mask for rows that each hold their own sequence in a KV cache
+    (continuous batching): row b has `lengths[b]` tokens cached and appends q_len new ones at
+    columns lengths[b]..; query i sees columns 0..lengths[b] + i. Columns beyond (another row's
+    longer history, stale keys of a slot's previous sequence) stay hidden."""
+    k_idx = torch.arange(seen, device=lengths.device)
+    q_end = lengths[:, None] + torch.arange(q_len, device=lengths.device)[None, :]  # (B, q_len)
+    return (k_idx[None, None, :] <= q_end[:, :, None])[:, None]
+
+
 def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     """Boolean (B, 1, T, T) mask: token i sees token j iff j <= i and both are in the same document."""
     T = doc_ids.shape[1]
@@ -145,7 +158,18 @@ def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (B, n_kv_heads, max_len, head_dim) each."""
+    """Preallocated keys/values for every layer: (B, n_kv_heads, max_len, head_dim) each.
+
+    Two ways to write:
+    - `start` an int: every row writes columns start..start+T-1 (one prompt, or a left-padded
+      batch whose rows advance together). Attention sees columns 0..start+T-1.
+    - `start` a (B,) LongTensor (continuous batching: each row is a slot holding its own sequence,
+      at its own length): row b writes columns start[b]..start[b]+T-1. The forward then needs
+      explicit `positions` (B, T) and an `attn_mask` (B, 1, T, S) (`slot_attention_mask`); attention
+      sees columns 0..S-1 of every row and the mask hides what a row has not written.
+    `rows(lo, hi)` is a view of some rows (same storage): a forward over a sub-batch (a prefill of
+    newly admitted sequences) writes straight into their slots. `move_row` compacts slots.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
@@ -153,13 +177,45 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.max_len = max_len
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               seen: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, kv_heads, T, head_dim) and return what attention sees. With per-row
+        starts (a tensor), `seen` is S, the columns attention covers (the mask's last dimension)."""
+        if isinstance(start, torch.Tensor):
+            return self._update_rows(layer, start, k, v, seen)
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _update_rows(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: int | None):
+        B, H, T, D = k.shape
+        if seen is None or seen > self.max_len:
+            raise ValueError(f"KV cache: per-row writes need the attended length (got {seen}, max_len {self.max_len})")
+        # one scatter per tensor: row b, columns start[b] + 0..T-1 (no host sync, no Python loop over rows)
+        cols = start.view(B, 1, 1, 1) + torch.arange(T, device=k.device).view(1, 1, T, 1)
+        index = cols.expand(B, H, T, D)
+        kc, vc = self.k[layer][:B], self.v[layer][:B]
+        kc.scatter_(2, index, k)
+        vc.scatter_(2, index, v)
+        return kc[:, :, :seen], vc[:, :, :seen]
+
+    def rows(self, lo: int, hi: int) -> "KVCache":
+        """Rows lo..hi-1 as a cache of their own that shares this one's storage."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[lo:hi] for t in self.k]
+        view.v = [t[lo:hi] for t in self.v]
+        view.max_len = self.max_len
+        return view
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` columns of row `src` into row `dst` (a slot leaving the batch
+        is filled with the last active one, so active slots stay rows 0..B-1 and attention
+        reads a plain view: cheaper than gathering scattered rows every step)."""
+        for t in (*self.k, *self.v):
+            t[dst, :, :length] = t[src, :, :length]
 
 
 class Attention(nn.Module):
@@ -179,7 +235,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if isinstance(start_pos, torch.Tensor):  # (B,) per-row starts (slots): attend to the mask's S columns
+            k, v = cache.update(self.layer, start_pos, k, v, mask.shape[-1])
+        elif cache is not None:
             k, v = cache.update(self.layer, start_pos, k, v)
         is_causal = mask is None and T > 1
         gqa = self.n_kv_heads != self.n_heads

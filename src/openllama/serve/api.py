@@ -10,15 +10,15 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from typing import AsyncIterator
-
 from fastapi import FastAPI, Request
 
 from ..errors import UserError
 from ..generate import Completion, Generation, SamplingParams
 from .engine import Engine, ServerBusy
+from .logprobs import LogprobFormat
 from .prompting import PromptTooLong, message_text
 from .requests import APIError, ChatRequest, CompletionRequest, _Sampling, parse_request
+from .scheduler import Ticket
 from .sse import _SSE, _usage, chat_events, completion_events
 
 
@@ -72,6 +72,7 @@ class Routes:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.created = int(time.time())
+        self.logprobs = LogprobFormat(engine.tokenizer)
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -101,12 +102,15 @@ class Routes:
         prompts = [ids] * req.n
         params = self.sampling(req, req.max_completion_tokens or req.max_tokens, prompts)
         generation = self.start(prompts, params, engine.prompter.reply_prefix(messages))
+        ticket = self.submit(generation)
         meta = _meta("chatcmpl", engine.model_name)
+        fmt = self.logprobs if params.logprobs is not None else None
         if req.stream:
-            return _SSE(chat_events(generation, self.steps(generation), meta, req.include_usage()))
-        done = await self.run_to_end(generation, request)
+            return _SSE(chat_events(generation, engine.stream(ticket), meta, req.include_usage(), fmt),
+                        on_close=ticket.cancel)
+        done = await self.run_to_end(ticket, request)
         choices = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-                    "logprobs": None} for i, c in enumerate(done)]
+                    "logprobs": self.logprobs.chat(c.logprobs)} for i, c in enumerate(done)]
         return {**meta, "object": "chat.completion", "choices": choices,
                 "usage": _usage(len(ids), sum(c.completion_tokens for c in done))}
 
@@ -124,15 +128,18 @@ class Routes:
         prompts = [row for row in ids for _ in range(req.n)]
         params = self.sampling(req, req.max_tokens, prompts)
         generation = self.start(prompts, params)
+        ticket = self.submit(generation)
         echo = [(t if isinstance(t, str) else engine.tokenizer.decode(t)) if req.echo else "" for t in texts
                 for _ in range(req.n)]
         meta = _meta("cmpl", engine.model_name)
         prompt_tokens = sum(len(r) for r in ids)
+        fmt = self.logprobs if params.logprobs is not None else None
         if req.stream:
-            return _SSE(completion_events(generation, self.steps(generation), meta, echo, prompt_tokens,
-                                          req.include_usage()))
-        done = await self.run_to_end(generation, request)
-        choices = [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason, "logprobs": None}
+            return _SSE(completion_events(generation, engine.stream(ticket), meta, echo, prompt_tokens,
+                                          req.include_usage(), fmt), on_close=ticket.cancel)
+        done = await self.run_to_end(ticket, request)
+        choices = [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
+                    "logprobs": self.logprobs.completion(c.logprobs, len(echo[i]), bool(params.logprobs))}
                    for i, c in enumerate(done)]
         return {**meta, "object": "text_completion", "choices": choices,
                 "usage": _usage(prompt_tokens, sum(c.completion_tokens for c in done))}
@@ -163,12 +170,27 @@ class Routes:
         if top_p == 0.0:  # nothing but the most likely token
             temperature, top_p = 0.0, 1.0
         return SamplingParams(max_new_tokens=limit, temperature=temperature, top_p=top_p, top_k=req.top_k or 0,
-                              repetition_penalty=req.repetition_penalty or 1.0, stop=req.stops(), seed=req.seed)
+                              repetition_penalty=req.repetition_penalty or 1.0, stop=req.stops(), seed=req.seed,
+                              presence_penalty=req.presence_penalty or 0.0,
+                              frequency_penalty=req.frequency_penalty or 0.0,
+                              logit_bias=self.logit_bias(req.logit_bias), logprobs=req.token_logprobs())
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """{"token id": value} -> {id: value}, every id in the vocabulary."""
+        if not bias:
+            return None
+        vocab = self.engine.generator.cfg.vocab_size
+        out = {int(k): v for k, v in bias.items()}
+        bad = [k for k in out if not 0 <= k < vocab]
+        if bad:
+            raise APIError(400, f"Invalid value for 'logit_bias': token ids must be in [0, {vocab}) (got {bad[:3]})",
+                           param="logit_bias", code="invalid_value")
+        return out
 
     def check_batch(self, n_rows: int) -> None:
-        if n_rows > self.engine.limits.max_batch:
+        if n_rows > self.engine.max_rows:
             raise APIError(400, f"n x prompts = {n_rows} is more than this server's limit of "
-                                f"{self.engine.limits.max_batch}", param="n", code="invalid_value")
+                                f"{self.engine.max_rows}", param="n", code="invalid_value")
 
     def checked_ids(self, row: list[int]) -> list[int]:
         vocab = self.engine.generator.cfg.vocab_size
@@ -181,31 +203,32 @@ class Routes:
 
     def start(self, prompts: list[list[int]], params: SamplingParams, strip_prefix: str = "") -> Generation:
         try:
-            self.engine.check_capacity()
             return self.engine.start(prompts, params, strip_prefix=strip_prefix)
-        except ServerBusy as exc:
-            raise APIError(429, str(exc), type_="server_busy", code="rate_limit_exceeded") from None
         except UserError as exc:
             raise APIError(400, str(exc)) from None
 
+    def submit(self, generation: Generation) -> Ticket:
+        """Queue it now, before any response header: a full queue is a 429 with Retry-After."""
+        try:
+            return self.engine.submit(generation)
+        except ServerBusy as exc:
+            raise APIError(429, str(exc), type_="server_busy", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+        except UserError as exc:
+            raise APIError(400, str(exc), param="n") from None
+
     # -- running ---------------------------------------------------------------------------------
 
-    async def steps(self, generation: Generation) -> AsyncIterator[list[str]]:
-        try:
-            async for pieces in self.engine.stream(generation):
-                yield pieces
-        except ServerBusy as exc:
-            raise APIError(429, str(exc), type_="server_busy", code="rate_limit_exceeded") from None
-
-    async def run_to_end(self, generation: Generation, request: Request) -> list[Completion]:
-        stream = self.steps(generation)
+    async def run_to_end(self, ticket: Ticket, request: Request) -> list[Completion]:
+        stream = self.engine.stream(ticket)
         try:
             async for _ in stream:
                 if await request.is_disconnected():  # nobody to answer: stop generating
                     break
         finally:
             await stream.aclose()
-        return generation.completions
+            ticket.cancel()  # no-op when it finished
+        return ticket.generation.completions
 
 
 def _prompt_list(p: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:

@@ -1,35 +1,33 @@
-"""The serving engine: one model, a queue in front of it, generation in worker threads.
+"""The serving engine: one model, one continuous-batching scheduler in front of it.
 
-The HTTP API and the Gradio UI both go through `Engine.stream`: a request waits for one of
-`max_concurrent` slots (an asyncio semaphore; beyond `max_queue` waiting requests it is refused
-with `ServerBusy`), then its `Generation` runs in a worker thread and hands each step's text to
-the event loop. Closing the async iterator (a client that went away, a stop button) cancels the
-generation before its next token; the slot is freed by the worker when it really stops.
+The HTTP API and the Gradio UI both go through the engine: `start` turns prompts into a
+`Generation` (checked against the context), `submit` queues it on the `Scheduler` (refusing
+with `ServerBusy` when the queue is full: the API answers 429 before any header of a stream has
+gone out), and iterating the returned ticket yields each step's text. Every running request is
+decoded in the same batch, one forward per token for all of them. Closing the iteration (a client
+that went away, a stop button) cancels the request; its slots are free at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
 from ..errors import UserError
 from ..generate import Completion, Generation, Generator, Loaded, SamplingParams
 from .prompting import ChatPrompter, PromptTooLong
+from .scheduler import Scheduler, ServerBusy, Ticket
 
-
-class ServerBusy(Exception):
-    """Too many requests waiting."""
+__all__ = ["Engine", "Limits", "ServerBusy"]
 
 
 @dataclass
 class Limits:
     max_prompt_tokens: int | None = None  # None: the context minus one
     max_new_tokens: int = 512
-    max_concurrent: int = 1
-    max_queue: int = 64
+    max_concurrent: int = 64  # sequences decoded together (KV-cache slots)
+    max_queue: int = 64  # requests waiting for slots; beyond: 429
     max_batch: int = 16  # n x prompts of one request
 
 
@@ -42,14 +40,21 @@ class Engine:
         self.model_name = name or loaded.name
         self.tokenizer = loaded.tokenizer
         self.generator = Generator(loaded.model, loaded.tokenizer, compile=compile)
+        self.scheduler = Scheduler(self.generator, max_slots=self.limits.max_concurrent,
+                                   max_queue=self.limits.max_queue)
         self.context = self.generator.max_seq_len
         self.prompter = ChatPrompter(loaded.tokenizer, chat_template)
         cap = self.context - 1
         self.max_prompt_tokens = min(self.limits.max_prompt_tokens or cap, cap)
-        self._slots = asyncio.Semaphore(self.limits.max_concurrent)
-        self._pool = ThreadPoolExecutor(self.limits.max_concurrent, thread_name_prefix="generate")
-        self._lock = threading.Lock()
-        self.stats = {"running": 0, "waiting": 0, "completed": 0, "cancelled": 0, "failed": 0}
+
+    @property
+    def stats(self) -> dict:
+        return self.scheduler.stats
+
+    @property
+    def max_rows(self) -> int:
+        """Rows (n x prompts) one request may have."""
+        return min(self.limits.max_batch, self.limits.max_concurrent)
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -64,9 +69,20 @@ class Engine:
         return ids
 
     def fit_chat(self, messages: Sequence[dict], max_new_tokens: int) -> tuple[list[dict], list[int], int]:
-        """For interactive chat: drop the oldest turns so the prompt and the reply fit."""
-        budget = min(self.max_prompt_tokens, self.context - min(max_new_tokens, self.limits.max_new_tokens))
+        """For interactive chat: drop the oldest turns so the prompt fits, keeping room for a reply.
+
+        The room kept is the requested number of new tokens, but never more than half the
+        context: a small model (256 tokens) with the default budget (256) would otherwise have no
+        room for any prompt. The reply then gets whatever the kept prompt leaves
+        (`reply_budget`)."""
+        reserve = min(max_new_tokens, self.limits.max_new_tokens, self.context // 2)
+        budget = min(self.max_prompt_tokens, self.context - max(reserve, 1))
         return self.prompter.fit(messages, max(budget, 1))
+
+    def reply_budget(self, prompt_ids: Sequence[int], max_new_tokens: int) -> int:
+        """New tokens a reply may have: what was asked, clamped to the server's cap and the room
+        the context leaves after the prompt."""
+        return max(1, min(int(max_new_tokens), self.limits.max_new_tokens, self.context - len(prompt_ids)))
 
     def encode_text(self, text: str) -> list[int]:
         ids = list(self.tokenizer.encode(text, bos=True))
@@ -83,64 +99,24 @@ class Engine:
               seeds: Sequence[int | None] | None = None, strip_prefix: str = "") -> Generation:
         return self.generator.start([list(p) for p in prompts], params, seeds, strip_prefix)
 
-    def check_capacity(self) -> None:
-        """Refuse up front (before a stream's headers go out) when the queue is full."""
-        if self.stats["waiting"] >= self.limits.max_queue and self._slots.locked():
-            raise ServerBusy(f"{self.stats['waiting']} requests are already waiting; try again later")
+    def submit(self, generation: Generation) -> Ticket:
+        """Queue it (call on the event loop); ServerBusy when the queue is full."""
+        return self.scheduler.submit(generation, asyncio.get_running_loop())
 
-    async def stream(self, generation: Generation) -> AsyncIterator[list[str]]:
-        """Wait for a slot, run `generation` in a worker thread, yield each step's pieces."""
-        with self._lock:
-            self.check_capacity()
-            self.stats["waiting"] += 1
+    async def stream(self, generation: Generation | Ticket) -> AsyncIterator[list[str]]:
+        """Each step's pieces of a generation (submitted here unless it is a ticket already)."""
+        ticket = generation if isinstance(generation, Ticket) else self.submit(generation)
         try:
-            await self._slots.acquire()
+            async for pieces in ticket:
+                yield pieces
         finally:
-            with self._lock:
-                self.stats["waiting"] -= 1
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+            ticket.cancel()  # no-op when it already finished
 
-        def work() -> None:
-            outcome = "completed"
-            try:
-                with self._lock:
-                    self.stats["running"] += 1
-                for pieces in generation:
-                    loop.call_soon_threadsafe(queue.put_nowait, ("step", pieces))
-                if generation.cancelled:
-                    outcome = "cancelled"
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
-            except BaseException as exc:  # surfaced to the awaiting request
-                outcome = "failed"
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
-            finally:
-                with self._lock:
-                    self.stats["running"] -= 1
-                    self.stats[outcome] += 1
-                loop.call_soon_threadsafe(self._slots.release)
-
-        try:
-            self._pool.submit(work)
-        except BaseException:
-            self._slots.release()
-            raise
-        try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "step":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    return
-        finally:
-            generation.cancel()  # no-op when it already finished
-
-    async def complete(self, generation: Generation) -> list[Completion]:
+    async def complete(self, generation: Generation | Ticket) -> list[Completion]:
         async for _ in self.stream(generation):
             pass
-        return generation.completions
+        ticket_generation = generation.generation if isinstance(generation, Ticket) else generation
+        return ticket_generation.completions
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.close()

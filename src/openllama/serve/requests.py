@@ -1,10 +1,12 @@
 """What an API request may say: the request models, OpenAI's error shape, and parsing a body.
 
 Validation is strict, the way OpenAI's is: unknown fields, wrong types and out-of-range values
-are 400s in the shape `{"error": {"message", "type", "param", "code"}}`, naming the field. Fields
-OpenAI defines that change nothing here (user, presence/frequency penalty, ...) are accepted;
-ones this server cannot honour (logprobs, tools, ...) are refused by name rather than silently
-ignored. Two extensions as vLLM names them: `top_k` and `repetition_penalty`.
+are 400s in the shape `{"error": {"message", "type", "param", "code"}}`, naming the field. Every
+sampling option OpenAI defines is applied: temperature, top_p, n, stop, seed, max_tokens,
+presence_penalty, frequency_penalty, logit_bias, logprobs (+ top_logprobs for chat). `user` is
+accepted and changes nothing; what this server cannot honour (tools, suffix, ...) is refused by
+name rather than silently ignored. Two extensions as vLLM names them: `top_k` and
+`repetition_penalty`.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        return JSONResponse(self.body(), status_code=self.status, headers={**headers, **self.headers})
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -62,6 +65,8 @@ def _jsonable(x: Any) -> bool:
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
 
 
 class StreamOptions(BaseModel):
@@ -83,11 +88,10 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
-    presence_penalty: Penalty | None = None  # accepted, not applied
-    frequency_penalty: Penalty | None = None  # accepted, not applied
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     user: str | None = None
-    logprobs: Any = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Bias] | None = None  # token id (as a string) -> added to its logit
     # extensions (vLLM's names)
     top_k: Annotated[int, Field(ge=0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
@@ -107,11 +111,15 @@ class _Sampling(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def token_logprobs(self) -> int | None:
+        """None: no log-probabilities; k >= 0: the chosen token's and the k most likely."""
+        raise NotImplementedError
+
     def refuse_unsupported(self) -> None:
-        if self.logprobs not in (None, False):
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias", code="unsupported")
+        for key in self.logit_bias or {}:
+            if not key.strip().lstrip("-").isdigit():
+                raise APIError(400, f"Invalid value for 'logit_bias': keys must be token ids (got {key!r})",
+                               param="logit_bias", code="invalid_value")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
@@ -129,10 +137,17 @@ class ChatRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+
+    def token_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "logprobs must be set to true if top_logprobs is used", param="top_logprobs",
+                           code="invalid_value")
         if self.tools:
             raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported")
         if self.response_format not in (None, {"type": "text"}):
@@ -145,6 +160,10 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
+    logprobs: TopLogprobs | None = None
+
+    def token_logprobs(self) -> int | None:
+        return self.logprobs
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()

@@ -2,7 +2,9 @@
 
 Commands: /reset forgets the conversation, /quit (or end of input) leaves. The prompt is built
 with the tokenizer's chat template, as in training and in `openllama serve`; when the history
-outgrows the context the oldest turns are dropped (a note on stderr says so).
+outgrows the context the oldest turns are dropped (a note on stderr says so). Replies are decoded
+by the server's engine (`serve.scheduler.Scheduler`), so the terminal, the API and the chat page
+share one decode path.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from typing import Iterator, TextIO
 from ..generate import (Generator, SamplingParams, add_model_arguments, add_sampling_arguments, apply_threads,
                         load_for_inference, sampling_from_args)
 from .prompting import ChatPrompter
+from .scheduler import Scheduler
 
 
 class ChatSession:
-    """A conversation with one model: `send(text)` streams the reply and remembers both turns."""
+    """A conversation with one model: `send(text)` streams the reply and remembers both turns.
+    `generator`: a `Scheduler` (what `openllama chat` runs) or a `Generator` (same decode core, in
+    this thread): anything with `.stream(prompt, params, strip_prefix)` and `.max_seq_len`."""
 
-    def __init__(self, generator: Generator, prompter: ChatPrompter, params: SamplingParams, system: str = ""):
+    def __init__(self, generator: Scheduler | Generator, prompter: ChatPrompter, params: SamplingParams,
+                 system: str = ""):
         self.generator, self.prompter, self.params = generator, prompter, params
         self.system = system
         self.history: list[dict] = []
@@ -82,12 +88,14 @@ def chat_loop(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextI
 def run(args: argparse.Namespace) -> int:
     apply_threads(args)
     loaded = load_for_inference(args.model, args.device, args.dtype)
-    generator = Generator(loaded.model, loaded.tokenizer, compile=args.compile)
-    session = ChatSession(generator, ChatPrompter(loaded.tokenizer), sampling_from_args(args), system=args.system)
+    scheduler = Scheduler(Generator(loaded.model, loaded.tokenizer, compile=args.compile), max_slots=1)
+    session = ChatSession(scheduler, ChatPrompter(loaded.tokenizer), sampling_from_args(args), system=args.system)
     if sys.stdin.isatty():
         print(f"chatting with {loaded.name}; /reset starts over, /quit leaves", file=sys.stderr)
     try:
         chat_loop(session, sys.stdin, sys.stdout, sys.stderr)
     except KeyboardInterrupt:
         print(file=sys.stderr)
+    finally:
+        scheduler.close()
     return 0

@@ -3,7 +3,11 @@
 Two tabs on the same engine as the HTTP API (same queue, same limits, same chat template):
 - Chat: multi-turn with streaming; the chatbot's own buttons retry the last reply, undo and
   clear; a system prompt and the generation settings sit in an accordion below. The history is
-  trimmed from the oldest turn when it outgrows the context.
+  trimmed from the oldest turn when it outgrows the context, and "Max new tokens" is an upper
+  bound: a reply gets what the context leaves after the prompt (so the defaults work with a
+  256-token model). An error (a message that cannot fit, a full queue) is shown as a marked
+  reply, never raised: Gradio's ChatInterface leaves its input box disabled after a raised
+  error. Marked replies and the message that caused them are left out of later prompts.
 - Single turn: one prompt -> one streamed reply, either as a one-message chat (the template) or
   as a raw completion of the text.
 API names for gradio_client: `/respond` (chat) and `/answer` (single turn).
@@ -24,6 +28,7 @@ from .engine import Engine, ServerBusy  # noqa: E402
 from .prompting import message_text  # noqa: E402
 
 UPDATE_INTERVAL = 0.05  # seconds between streamed updates of a reply on the page
+ERROR_TITLE = "⚠️ Error"  # the metadata title that marks an error reply
 
 
 def _settings(engine: Engine) -> list:
@@ -35,20 +40,33 @@ def _settings(engine: Engine) -> list:
     ]
 
 
+def _is_error(m) -> bool:
+    meta = m.get("metadata") if isinstance(m, dict) else getattr(m, "metadata", None)
+    return isinstance(meta, dict) and meta.get("title") == ERROR_TITLE
+
+
 def _history_messages(history: list) -> list[dict]:
+    """The page's history as chat messages, without error replies and the messages that caused them."""
     out = []
     for m in history or []:
+        if _is_error(m):
+            if out and out[-1]["role"] == "user":
+                out.pop()
+            continue
         role = m.get("role") if isinstance(m, dict) else None
         if role in ("user", "assistant"):
             out.append({"role": role, "content": message_text(m.get("content"))})
     return out
 
 
+def _error_reply(exc: Exception) -> gr.ChatMessage:
+    return gr.ChatMessage(role="assistant", content=str(exc) or type(exc).__name__, metadata={"title": ERROR_TITLE})
+
+
 def build_ui(engine: Engine) -> gr.Blocks:
     async def run(prompt_ids: list[int], temperature: float, top_p: float, max_tokens: int, strip_prefix: str = ""):
-        room = engine.context - len(prompt_ids)
-        params = SamplingParams(max_new_tokens=max(1, min(int(max_tokens), room)), temperature=float(temperature),
-                                top_p=float(top_p))
+        params = SamplingParams(max_new_tokens=engine.reply_budget(prompt_ids, max_tokens),
+                                temperature=float(temperature), top_p=max(float(top_p), 1e-6))
         text, shown, last = "", None, 0.0
         async for pieces in engine.stream(engine.start([prompt_ids], params, strip_prefix=strip_prefix)):
             text += pieces[0]
@@ -67,8 +85,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
             kept, ids, _ = engine.fit_chat(messages, int(max_tokens))
             async for text in run(ids, temperature, top_p, max_tokens, engine.prompter.reply_prefix(kept)):
                 yield text
-        except (UserError, ServerBusy) as exc:
-            raise gr.Error(str(exc)) from None
+        except Exception as exc:  # shown, not raised: a raised error leaves the input box disabled
+            yield _error_reply(exc)
 
     async def answer(prompt: str, raw: bool, temperature: float, top_p: float, max_tokens: int):
         try:
@@ -81,7 +99,8 @@ def build_ui(engine: Engine) -> gr.Blocks:
             async for text in run(ids, temperature, top_p, max_tokens, prefix):
                 yield text
         except (UserError, ServerBusy) as exc:
-            raise gr.Error(str(exc)) from None
+            gr.Warning(str(exc))
+            yield f"Error: {exc}"
 
     with gr.Blocks(title=f"openllama - {engine.model_name}") as blocks:
         gr.Markdown(f"### openllama &middot; `{engine.model_name}` &middot; context {engine.context} tokens")
