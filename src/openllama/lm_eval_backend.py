@@ -11,7 +11,7 @@ exported Hugging Face directory, through `generate.load_for_inference`, or objec
   hidden states of the scored positions only are projected to the vocabulary, so the (B, T, V)
   logits never exist. Rows are batched longest first by tokens: `batch_size` rows of the full
   context, or as many shorter rows as that holds.
-- `generate_until`: our `Generator` (KV cache, the slot-batched decode core that give each row what it
+- `generate_until`: our `Generator` (KV cache, the slot-batched decode core that gives each row what it
   gives alone, batched by the same token budget), greedy unless a task asks to sample; the text
   ends where `hf` (at batch size 1, where its output does not depend on the other rows) ends it.
 - tokenisation: what lm-eval's `hf` backend does with the exported tokenizer (`openllama export`):
