@@ -133,6 +133,22 @@ def test_async_save_writes_the_same_checkpoint_and_resumes_bitwise(four_rank_con
         assert all(torch.equal(a.get(n), b.get(n)) for n in a.names())
 
 
+@pytest.mark.slow
+def test_init_from_a_sharded_checkpoint_on_one_process(four_rank_config):
+    # continued pretraining from a 2-rank run's DCP checkpoint, by one process: lr ~0, so the
+    # weights it saves after one step are the ones it started from
+    root, config = four_rank_config
+    source = root / "source2"
+    pretrain(config, source, torchrun(2), "train.strategy=fsdp2", "train.grad_accum_steps=2", "train.max_steps=2")
+    start = source / "checkpoints" / "step_0000002"
+    run = root / "continued"
+    pretrain(config, run, [sys.executable], f"init={start}", "train.max_steps=1", "train.grad_accum_steps=4",
+             "optim.lr=1e-12", "optim.warmup_steps=0")
+    a, b = StoredWeights(start / "model"), StoredWeights(run / "checkpoints" / "step_0000001" / "model")
+    for name in a.names():
+        torch.testing.assert_close(a.get(name), b.get(name), atol=1e-9, rtol=0, msg=name)
+
+
 def _peak_rise_mb(setup: str, work: str) -> float:
     """How far the resident memory of a fresh interpreter rises above where `setup` left it while
     `work` runs (Linux: the high-water mark is reset between them through /proc/self/clear_refs)."""

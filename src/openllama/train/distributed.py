@@ -205,15 +205,26 @@ def materialize(model: torch.nn.Module, device: torch.device, seed: int | None) 
 def load_weights(model: torch.nn.Module, model_dir) -> None:
     """Fill every parameter with the rows this rank holds, read from an openllama model directory
     (model.safetensors) one tensor slice at a time: a sharded rank never reads the full model, an
-    unsharded one never holds a second copy of it. A tied output weight is the embedding."""
+    unsharded one never holds a second copy of it. A tied output weight is the embedding. The
+    model/ of a sharded run's checkpoint is read from its DCP shards (resharded by DCP)."""
     from pathlib import Path
 
     from safetensors import safe_open
 
     from ..artifacts import MODEL_FILE
-    from ..model import local_rows
+    from ..model import StoredWeights, local_rows
 
-    path = Path(model_dir) / MODEL_FILE
+    stored = StoredWeights(model_dir)
+    if stored.dcp is not None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = get_model_state_dict(model)
+        dcp.load({"model": state}, checkpoint_id=str(stored.dcp), no_dist=not dist.is_initialized())
+        set_model_state_dict(model, state)
+        return
+    path = Path(stored.directory) / MODEL_FILE
     with safe_open(str(path), framework="pt", device="cpu") as f:
         stored = set(f.keys())
         for name, param in model.named_parameters():
