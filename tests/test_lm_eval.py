@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval is the optional `eval` extra (pip install -e '.[eval]')")
 
-from serving_helpers import FALLBACK_TEXT, SHAKESPEARE, make_tiny_model_dir  # noqa: E402
+from serving_helpers import make_tiny_model_dir, shakespeare_text  # noqa: E402
 
 from openllama import cli  # noqa: E402
 from openllama.errors import UserError  # noqa: E402
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _lines() -> list[str]:
-    text = SHAKESPEARE.read_text(encoding="utf-8")[:60_000] if SHAKESPEARE.is_file() else FALLBACK_TEXT
+    text = shakespeare_text(60_000)
     lines = [ln.strip() for ln in text.replace(". ", ".\n").splitlines() if len(ln.strip()) > 30]
     return lines[:200]
 
