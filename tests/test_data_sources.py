@@ -11,7 +11,6 @@ import pytest
 import zstandard
 
 from openllama import records
-from openllama.data import sources
 from openllama.data.clean import (CleanConfig, content_hash, drop_reason, dup_line_fraction, normalise,
                                   normalise_utf8)
 from openllama.data.sources import Document, iter_documents, read_records, resolve_format

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_distributed import assert_same_trajectory, event, pretrain, train_records
+from test_distributed import event, pretrain, train_records
 from test_engine import learnable_docs, tiny_config
 from test_packing import write_token_shards
 

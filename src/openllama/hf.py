@@ -28,7 +28,7 @@ import torch
 from .artifacts import CONFIG_FILE, find_tokenizer_dir, resolve_model_dir
 from .config import ModelConfig
 from .errors import UserError
-from .model import Llama, StoredWeights, load_model, write_safetensors
+from .model import Llama, StoredWeights, write_safetensors
 from .tokenizer import copy_tokenizer_files
 
 # our name -> transformers name, per layer ("{i}" is the layer index)

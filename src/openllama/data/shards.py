@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 

@@ -33,7 +33,7 @@ from ..errors import UserError
 from . import shards as shardlib
 from .clean import content_hash, drop_reason, normalise_utf8
 from .dedup import Minhasher, near_duplicates
-from .sources import BadRecord, read_records, resolve_format
+from .sources import BadRecord, read_records
 from .web import LanguageId, QualityFilters, extract_main_text, read_warc
 
 _dumps, _NEWLINE = orjson.dumps, orjson.OPT_APPEND_NEWLINE
