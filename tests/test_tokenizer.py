@@ -6,9 +6,12 @@ import gzip
 import hashlib
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -296,3 +299,101 @@ def test_cli_trains_a_small_tokenizer(shared_data, tmp_path, capsys):
     assert cli.main(["tokenizer", "train", "--input", str(tmp_path / "missing.txt"), "--out", str(out),
                      "--vocab-size", "600"]) == 2
     assert "missing.txt: no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- sentence sampling (the seed's size)
+
+
+def _two_alphabet_lines(n: int) -> list[str]:
+    """n lines: the first half Latin words only, the second half Greek words only."""
+    rng = random.Random(3)
+    latin = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 7))) for _ in range(300)]
+    greek = ["".join(rng.choice("αβγδεζηθικ") for _ in range(rng.randint(3, 7))) for _ in range(300)]
+    return [" ".join(rng.choices(latin if i < n // 2 else greek, k=10)) for i in range(n)]
+
+
+def _multi_char_pieces(tok: Tokenizer, alphabet: str) -> int:
+    pieces = (tok.id_to_token(i) for i in range(tok.vocab_size))
+    return sum(1 for p in pieces if p and len(p.strip("▁")) > 1 and set(p.strip("▁")) <= set(alphabet))
+
+
+def test_sentence_sampling_is_a_seeded_sample_of_all_lines(tmp_path):
+    lines = _two_alphabet_lines(4000)
+    docs = ["\n".join(lines[i:i + 4]) for i in range(0, len(lines), 4)]  # 1000 documents of 4 lines
+    sampled = train_tokenizer(docs, tmp_path / "s0", 700, sentences=1000, num_threads=1)
+    sample = sampled.training_report["sample"]
+    assert (sample["lines"], sample["lines_trained"]) == (4000, 1000)
+    assert sample["sentences"] == 1000
+    # A reservoir over the whole stream, not its first 1000 lines (which hold no Greek at all).
+    assert _multi_char_pieces(sampled, "αβγδεζηθικ") > 50 and _multi_char_pieces(sampled, "abcdefghij") > 50
+    again = train_tokenizer(docs, tmp_path / "s0b", 700, sentences=1000, num_threads=1)
+    assert again.fingerprint == sampled.fingerprint  # seeded: the same lines, the same tokenizer
+    # ... in another process too (SentencePiece's own input_sentence_size sampler was not)
+    code = ("import sys; from tests.test_tokenizer import _two_alphabet_lines as f; "
+            "from openllama.tokenizer import train_tokenizer as t; ls = f(4000); "
+            "print(t(['\\n'.join(ls[i:i + 4]) for i in range(0, 4000, 4)], sys.argv[1], 700, sentences=1000, "
+            "num_threads=1).fingerprint)")
+    child = subprocess.run([sys.executable, "-c", code, str(tmp_path / "child")], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1], check=True)
+    assert child.stdout.strip() == sampled.fingerprint
+    other = train_tokenizer(docs, tmp_path / "s1", 700, sentences=1000, seed=1, num_threads=1)
+    assert other.fingerprint != sampled.fingerprint
+    # Fewer lines than the limit: every line, in order, exactly as with no limit at all.
+    everything = train_tokenizer(docs, tmp_path / "all", 700, sentences=0, num_threads=1)
+    roomy = train_tokenizer(docs, tmp_path / "roomy", 700, sentences=4000, num_threads=1)
+    assert everything.fingerprint == roomy.fingerprint != sampled.fingerprint
+    assert roomy.training_report["sample"]["lines_trained"] == 4000
+
+
+def test_streaming_without_a_byte_sample_and_the_cli_options(tmp_path, capsys):
+    lines = _two_alphabet_lines(2000)
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(json.dumps({"text": "\n".join(lines[i:i + 2])}) + "\n" for i in range(0, 2000, 2)), encoding="utf-8")
+    out = tmp_path / "tok"
+    argv = ["tokenizer", "train", "--input", str(tmp_path / "corpus.jsonl"), "--out", str(out), "--vocab-size", "600",
+            "--sample-bytes", "0", "--sentences", "500", "--quiet"]
+    assert cli.main(argv) == 0
+    assert "500 of 2,000 lines" in capsys.readouterr().out
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["sample"]["requested_bytes"] is None  # streamed: no document sample held in memory
+    assert report["sample"]["documents"] == 1000
+    assert report["sample"]["bytes"] == sum(len("\n".join(lines[i:i + 2]).encode()) for i in range(0, 2000, 2))
+    same = train_tokenizer([tmp_path / "corpus.jsonl"], tmp_path / "api", 600, sample_bytes=None, sentences=500)
+    assert same.fingerprint == Tokenizer.load(out).fingerprint
+    with pytest.raises(UserError, match="sentence sample -1"):
+        train_tokenizer(lines, tmp_path / "bad", 600, sentences=-1)
+
+
+def test_vocab_over_65536_gives_uint32_token_files_and_transformers_parity(tmp_path):
+    """The 100k path at the smallest size past uint16: 65,600 pieces learned from 22k random words."""
+    from openllama.data import shards
+    from openllama.data.prepare import PrepareOptions, prepare
+    from openllama.data.tokens import TokenShards, tokenize
+
+    rng = random.Random(0)
+    words = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 10)))
+                    for _ in range(22_000)})
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(9000)]
+    tok = train_tokenizer(lines, tmp_path / "tok", 65_600, sentences=8000, num_threads=2)
+    assert tok.vocab_size == 65_600 and tok.training_report["sample"]["lines_trained"] == 8000
+
+    docs = ["\n".join(lines[i:i + 3]) for i in range(0, 3000, 3)] + [SAMPLES["chinese"], SAMPLES["emoji"]]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    prepare([str(tmp_path / "docs.jsonl")], tmp_path / "text", PrepareOptions(progress=False))
+    manifest = tokenize([tmp_path / "text"], tmp_path / "tok", tmp_path / "tokens", workers=1, progress=False)
+    ts = TokenShards(tmp_path / "tokens", verify=True)
+    assert manifest["dtype"] == "uint32" and ts.shards[0].dtype == np.uint32
+    texts = list(shards.iter_texts(tmp_path / "text"))
+    assert len(ts) == len(texts) >= 1000
+    high = 0
+    for i, text in enumerate(texts):
+        ids = ts.document(i)
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+        assert tok.decode(ids[1:-1].tolist()) == text
+        high += int((ids > 65_535).sum())
+    assert high > 0  # ids that uint16 would have wrapped
+
+    hf = tok.hf()  # stock AutoTokenizer on the written files
+    assert len(hf) == 65_600
+    probe = docs[:300] + list(SAMPLES.values()) + lines[8500:]  # lines 8500+ may be outside the sample
+    assert hf(probe)["input_ids"] == tok.encode_batch(probe)

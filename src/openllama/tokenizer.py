@@ -25,6 +25,7 @@ import heapq
 import io
 import json
 import os
+import random
 import re
 import tempfile
 import time
@@ -43,6 +44,12 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPACE = "\u2581"  # SentencePiece's escaped space "▁"
 MAX_LINE_CHARS = 4096  # SentencePiece skips training lines over max_sentence_length bytes: cut them
+# SentencePiece keeps every training line in memory and its BPE trainer works over all of them, so
+# at scale we train on a uniform sample of at most this many lines, as the seed (Open-Llama) did with
+# input_sentence_size + shuffle_input_sentence. Measured at vocab 100k (docs/data.md, "The seed's
+# tokenizer size"): peak RSS ~1.1-1.5 KB per trained line (1.47 GB at 1M lines, 2.47 GB at 2M),
+# 35-85 s per 1M lines on 2 shared cores.
+DEFAULT_SENTENCES = 2_000_000
 
 # Short texts in the four kinds of language we care about, to report compression after training.
 COMPRESSION_SAMPLES = {
@@ -178,12 +185,57 @@ def sample_documents(docs: Iterable[str], sample_bytes: int, seed: int = 0) -> l
     return [doc for _, _, doc, _ in sorted(heap, reverse=True)]
 
 
-def _training_lines(docs: Iterable[str]) -> Iterator[str]:
-    """SentencePiece learns from lines: newlines are never inside a piece (they encode as a byte)."""
+def _training_lines(docs: Iterable[str], counts: dict[str, int] | None = None) -> Iterator[str]:
+    """SentencePiece learns from lines: newlines are never inside a piece (they encode as a byte).
+    Empty lines are left out (SentencePiece drops them anyway); `counts["lines"]` counts the rest."""
+    counts = counts if counts is not None else {}
+    counts.setdefault("lines", 0)
     for doc in docs:
         for line in doc.split("\n"):
             for start in range(0, len(line), MAX_LINE_CHARS):
+                counts["lines"] += 1
                 yield line[start:start + MAX_LINE_CHARS]
+
+
+def _sample_lines(lines: Iterator[str], k: int, seed: int) -> Iterator[str]:
+    """A uniform random sample of at most `k` lines (reservoir, Algorithm R, `random.Random(seed)`),
+    handed on one by one and dropped here as they go. SentencePiece's own sampler
+    (input_sentence_size) ignores set_random_generator_seed in 0.2.x: another sample in every process.
+    Fewer than `k` lines pass through whole and in order."""
+    if not k:
+        yield from lines
+        return
+    rng = random.Random(seed)
+    kept: list[str | None] = []
+    for i, line in enumerate(lines):
+        if i < k:
+            kept.append(line)
+        elif (j := rng.randrange(i + 1)) < k:
+            kept[j] = line
+    for i, line in enumerate(kept):
+        kept[i] = None  # SentencePiece holds its own copy now
+        yield line
+
+
+class _Stream:
+    """Documents passed straight through (no byte sample), counted, with the first `keep_bytes`
+    of them kept to report the compression on training text."""
+
+    def __init__(self, docs: Iterable[str], keep_bytes: int = 4_000_000):
+        self.docs, self.keep_bytes = docs, keep_bytes
+        self.documents = self.bytes = 0
+        self.head: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        for doc in self.docs:
+            if not doc:
+                continue
+            size = len(doc.encode("utf-8"))
+            if self.bytes < self.keep_bytes:
+                self.head.append(doc)
+            self.documents += 1
+            self.bytes += size
+            yield doc
 
 
 # ---------------------------------------------------------------- building the HF tokenizer
@@ -408,7 +460,8 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def train_tokenizer(inputs: Iterable[str | os.PathLike], out_dir: str | Path, vocab_size: int = 100_000, *,
-                    sample_bytes: int = 100_000_000, text_keys: Sequence[str] = ("text",), seed: int = 0,
+                    sample_bytes: int | None = 100_000_000, sentences: int | None = DEFAULT_SENTENCES,
+                    text_keys: Sequence[str] = ("text",), seed: int = 0,
                     character_coverage: float = 0.9995, role_tokens: Sequence[str] = ROLE_TOKENS,
                     model_max_length: int = 2048, chat_template: str | None = None,
                     num_threads: int | None = None, verbose: bool = False) -> Tokenizer:
@@ -416,7 +469,11 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike], out_dir: str | Path, vo
     plus `training_report.json` (sample size, time, bytes per token per language), to `out_dir`.
 
     `inputs`: `pathlib.Path`s (files or shard directories, see `read_documents`) and/or `str`s,
-    each str being one document's text."""
+    each str being one document's text. Two samples, both seeded by `seed`:
+      sample_bytes  whole documents, about this many UTF-8 bytes, held in memory here
+                    (`sample_documents`); None streams every document instead.
+      sentences     then SentencePiece trains on at most this many lines, a uniform (reservoir) sample
+                    of all the lines (the seed's way; None or 0: every line), see `_sample_lines`."""
     import sentencepiece as spm
 
     if vocab_size < 256 + 4 + len(role_tokens) + 1:
@@ -424,8 +481,10 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike], out_dir: str | Path, vo
                         f"{256 + 4 + len(role_tokens)} ids; use at least 512")
     if not 0.98 <= character_coverage <= 1.0:  # SentencePiece BPE rejects less than 0.98
         raise UserError(f"character coverage {character_coverage} must be within [0.98, 1]")
-    if sample_bytes <= 0:
-        raise UserError(f"sample size {sample_bytes} must be positive")
+    if sample_bytes is not None and sample_bytes <= 0:
+        raise UserError(f"sample size {sample_bytes} must be positive (or None: every document)")
+    if sentences is not None and sentences < 0:
+        raise UserError(f"sentence sample {sentences} must be positive (or 0: every line)")
     sources: list[str] = []
 
     def documents() -> Iterator[str]:
@@ -437,40 +496,40 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike], out_dir: str | Path, vo
                 yield from read_documents(item, text_keys)
 
     start = time.perf_counter()
-    sample = sample_documents(_progress(documents(), verbose), sample_bytes, seed)
-    if not sample:
-        raise UserError("no training text: the inputs hold no documents")
-    sample_size = sum(len(d.encode("utf-8")) for d in sample)
+    if sample_bytes is None:  # nothing read yet: SentencePiece pulls the documents while it loads lines
+        sample: Any = _Stream(_progress(documents(), verbose))
+    else:
+        sample = sample_documents(_progress(documents(), verbose), sample_bytes, seed)
+        if not sample:
+            raise UserError("no training text: the inputs hold no documents")
     read_seconds = time.perf_counter() - start
 
-    model = io.BytesIO()
-    options = dict(
-        model_type="bpe", vocab_size=vocab_size, character_coverage=character_coverage,
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        split_by_whitespace=True, max_sentence_length=4 * MAX_LINE_CHARS,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
-        control_symbols=list(role_tokens), unk_surface=UNK,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=0 if verbose else 2,
-    )
+    options = _trainer_options(vocab_size, character_coverage, role_tokens, num_threads, verbose)
+    counts: dict[str, int] = {}
     start = time.perf_counter()
+    model = io.BytesIO()
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=_training_lines(sample), model_writer=model, **options)
+        training = _sample_lines(_training_lines(sample, counts), sentences or 0, seed)
+        spm.SentencePieceTrainer.train(sentence_iterator=training, model_writer=model, **options)
     except RuntimeError as exc:
-        raise UserError(_explain_training_error(str(exc), vocab_size, sample_size)) from None
+        raise UserError(_explain_training_error(str(exc), vocab_size, _sample_stats(sample)[1])) from None
     train_seconds = time.perf_counter() - start
+    n_docs, n_bytes, measured = _sample_stats(sample)
 
     tok = Tokenizer(model.getvalue(), chat_template=chat_template, model_max_length=model_max_length)
     out_dir = Path(out_dir)
     tok.save(out_dir)
     tok.directory = out_dir
+    lines = counts.get("lines", 0)
     report = {
         "vocab_size": tok.vocab_size,
         "fingerprint": tok.fingerprint,
-        "sample": {"documents": len(sample), "bytes": sample_size, "requested_bytes": sample_bytes, "seed": seed,
+        "sample": {"documents": n_docs, "bytes": n_bytes, "requested_bytes": sample_bytes, "seed": seed,
+                   "lines": lines, "lines_trained": min(lines, sentences) if sentences else lines,
+                   "sentences": sentences or None,
                    "sources": sources},
         "seconds": {"read_and_sample": round(read_seconds, 3), "train": round(train_seconds, 3)},
-        "bytes_per_token": {"training_sample": round(tok.bytes_per_token(sample), 4),
+        "bytes_per_token": {"training_sample": round(tok.bytes_per_token(measured), 4),
                             **{lang: round(tok.bytes_per_token([text]), 4)
                                for lang, text in COMPRESSION_SAMPLES.items()}},
         "special_tokens": {t: tok.token_to_id(t) for t in tok.special_tokens},
@@ -479,6 +538,28 @@ def train_tokenizer(inputs: Iterable[str | os.PathLike], out_dir: str | Path, vo
     write_bytes_atomic(out_dir / "training_report.json", _json_bytes(report))
     tok.training_report = report
     return tok
+
+
+def _sample_stats(sample: "list[str] | _Stream") -> tuple[int, int, list[str]]:
+    """Documents, UTF-8 bytes, and the documents to measure compression on."""
+    if isinstance(sample, _Stream):
+        if not sample.documents:
+            raise UserError("no training text: the inputs hold no documents")
+        return sample.documents, sample.bytes, sample.head
+    return len(sample), sum(len(d.encode("utf-8")) for d in sample), sample
+
+
+def _trainer_options(vocab_size: int, character_coverage: float, role_tokens: Sequence[str],
+                     num_threads: int | None, verbose: bool) -> dict[str, Any]:
+    return dict(
+        model_type="bpe", vocab_size=vocab_size, character_coverage=character_coverage,
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        split_by_whitespace=True, max_sentence_length=4 * MAX_LINE_CHARS,  # bytes: a cut line always fits
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+        control_symbols=list(role_tokens), unk_surface=UNK,
+        num_threads=num_threads or os.cpu_count() or 1, minloglevel=0 if verbose else 2,
+    )
 
 
 def _explain_training_error(message: str, vocab_size: int, sample_size: int) -> str:
@@ -513,26 +594,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="where the tokenizer files go")
     parser.add_argument("--vocab-size", type=int, default=100_000, help="number of pieces (default: 100000)")
     parser.add_argument("--sample-bytes", type=int, default=100_000_000,
-                        help="UTF-8 bytes of text to sample for training (default: 100000000)")
+                        help="UTF-8 bytes of whole documents to sample and hold in memory for training; "
+                             "0: stream every document (default: 100000000)")
+    parser.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES,
+                        help="SentencePiece then trains on a seeded random sample of at most this many "
+                             f"lines, bounding its memory; 0: every line (default: {DEFAULT_SENTENCES})")
     parser.add_argument("--text-key", action="append", dest="text_keys", metavar="KEY",
                         help="JSON field(s) holding the text, joined by newlines when several (default: text)")
     parser.add_argument("--character-coverage", type=float, default=0.9995,
                         help="share of characters covered by pieces; the rest fall back to bytes (default: 0.9995)")
     parser.add_argument("--model-max-length", type=int, default=2048,
                         help="context length written to tokenizer_config.json (default: 2048)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the document sample (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document and line samples (default: 0)")
     parser.add_argument("--quiet", action="store_true",
                         help="no SentencePiece training log and no reading progress (only the summary)")
 
 
 def run(args: argparse.Namespace) -> int:
-    tok = train_tokenizer(args.input, args.out, args.vocab_size, sample_bytes=args.sample_bytes,
-                          text_keys=args.text_keys or ("text",), seed=args.seed,
+    tok = train_tokenizer(args.input, args.out, args.vocab_size, sample_bytes=args.sample_bytes or None,
+                          sentences=args.sentences, text_keys=args.text_keys or ("text",), seed=args.seed,
                           character_coverage=args.character_coverage, model_max_length=args.model_max_length,
                           verbose=not args.quiet)
     report = tok.training_report
-    print(f"tokenizer: {tok.vocab_size} pieces, trained on {report['sample']['documents']:,} documents "
-          f"({report['sample']['bytes'] / 1e6:.1f} MB) in {report['seconds']['train']:.1f} s -> {args.out}")
+    sample = report["sample"]
+    print(f"tokenizer: {tok.vocab_size} pieces, trained on {sample['documents']:,} documents "
+          f"({sample['bytes'] / 1e6:.1f} MB; {sample['lines_trained']:,} of {sample['lines']:,} lines) "
+          f"in {report['seconds']['train']:.1f} s -> {args.out}")
     print("bytes per token: " + ", ".join(f"{k} {v:.2f}" for k, v in report["bytes_per_token"].items()))
     print(f"fingerprint: {tok.fingerprint}")
     return 0
