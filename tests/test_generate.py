@@ -56,6 +56,26 @@ def test_batch_equals_each_prompt_alone(tiny):
     assert [c.text for c in batch] == [c.text for c in alone]
 
 
+def test_samples_of_one_prompt_share_one_prefill(tiny):
+    # GRPO asks for G samples of each prompt: the prompt runs through the model once, its
+    # keys/values are copied to the G rows, and every row still samples as if alone
+    _, loaded, gen = tiny
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[0]]
+    seeds = [5, 6, 7, 8, 9, 10]
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.0, ignore_eos=True)
+    widths = []
+    hook = loaded.model.register_forward_pre_hook(lambda m, args: widths.append(tuple(args[0].shape)))
+    try:
+        batch = gen.generate(prompts, sampled, seeds=seeds)
+    finally:
+        hook.remove()
+    alone = [gen.generate([p], sampled, seeds=[s])[0] for p, s in zip(prompts, seeds)]
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone]
+    assert len({tuple(c.token_ids) for c in batch[:3]}) == 3  # same prompt, other seeds: other samples
+    prefills = [w for w in widths if w[1] > 1]
+    assert sorted(w[0] for w in prefills) == [1, 1]  # one row per distinct prompt (two lengths)
+
+
 def test_seeded_sampling_reproduces_and_seeds_differ(tiny):
     _, _, gen = tiny
     p = SamplingParams(max_new_tokens=30, temperature=1.0, top_k=100, seed=7, ignore_eos=True)

@@ -54,6 +54,36 @@ def test_grpo_loss_clips_and_adds_k3_kl_as_computed_by_hand():
     assert loss.item() == pytest.approx(0.8)  # -min(0.5 * -1, 0.8 * -1) = 0.8
 
 
+def test_shared_prompt_rows_equal_one_row_per_completion():
+    # GRPO scores G completions of a prompt in one row (the prompt once, each completion a branch
+    # that sees only the prompt and itself): log-probs and gradients equal separate rows
+    from openllama.labels import IGNORE_INDEX, SharedPrompts, token_logprobs
+    from openllama.model import Llama, ModelConfig
+
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    prompts = [[1, 5, 9, 12], [1, 7]]
+    completions = [[[3, 4, 2], [8], [3, 3, 3, 3, 2]], [[6, 2], [10, 11, 2], [2]]]
+    shared = SharedPrompts(prompts, completions, pad_id=0)
+    got = shared.logprobs(model)
+    got.sum().backward()
+    grads = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    want = torch.zeros_like(got)
+    for i, (prompt, c) in enumerate((p, c) for p, cs in zip(prompts, completions) for c in cs):
+        tokens = torch.tensor([prompt + c])
+        labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + c])
+        row = token_logprobs(model, tokens, labels)[0, len(prompt) - 1:len(prompt) - 1 + len(c)]
+        row.sum().backward()
+        want[i, :len(c)] = row.detach()
+    assert shared.mask.sum(-1).tolist() == [3, 1, 5, 2, 3, 1]
+    assert torch.allclose(got.detach(), want, atol=1e-5) and (got[~shared.mask] == 0).all()
+    for q, g in zip(model.parameters(), grads):
+        assert torch.allclose(q.grad, g, atol=1e-5)
+    # the prompt is computed once: 3 + 3 x 1 + 9 completion tokens, not 3 x 4 + 9
+    assert shared.num_tokens == (3 + 3 + 9) + (1 + 3 + 6)
+
+
 def test_grpo_refuses_fsdp2_and_format(tmp_path, capsys):
     root = tmp_path
     start = make_start(root / "start", dim=32, n_layers=1)
@@ -118,7 +148,7 @@ def test_grpo_resume_is_exact(tmp_path):
     from openllama.train.reward_model import RewardModel
 
     RewardModel(load_model(start)).save_checkpoint(root / "rm")
-    common = ["--model", str(start), f"grpo.reward={root / 'rm'}", "--data", str(prompts), "--no-progress", "data.valid_fraction=0",
+    common = ["--model", str(start), f"grpo.reward_model={root / 'rm'}", "--data", str(prompts), "--no-progress", "data.valid_fraction=0",
               "train.max_steps=4", "train.micro_batch_size=2", "grpo.group_size=4", "grpo.max_new_tokens=3",
               "optim.lr=1e-3"]
     assert main(["grpo", "--out", str(root / "a"), *common]) == 0
@@ -133,3 +163,42 @@ def test_grpo_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     before = load_file(str(start / "model.safetensors"))
     assert not all(torch.equal(a[k], before[k]) for k in a)  # the policy did move
+
+
+def test_reward_model_flag_scores_samples_plus_weighted_exact_match(tmp_path, capsys):
+    # RLHF: `--reward-model DIR` scores each sample with the reward model; grpo.exact_match=W adds
+    # W x the verifiable reward; the held-out evaluation reports the task checker's rate beside it
+    from openllama.chat_template import ChatTemplate
+    from openllama.model import load_model
+    from openllama.tokenizer import Tokenizer
+    from openllama.train.grpo import GRPOConfig, GRPOObjective, RLPrompt, exact_match_reward, reward_model_fn
+    from openllama.train.reward_model import RewardModel
+
+    start = make_start(tmp_path / "start", dim=32, n_layers=1)
+    RewardModel(load_model(start)).save_checkpoint(tmp_path / "rm")
+    prompts = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"say {c}", "answer": c} for c in LETTERS])
+    args = ["grpo", "--model", str(start), "--data", str(prompts), "--no-progress", "data.valid_fraction=0.25",
+            "train.max_steps=2", "train.micro_batch_size=2", "grpo.group_size=2", "grpo.max_new_tokens=2"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--reward-model", str(tmp_path / "rm"),
+                 "grpo.exact_match=0.5"]) == 0
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert {"reward_mean", "exact_match"} <= set(s["after"])
+    assert main([*args, "--out", str(tmp_path / "p"), "--reward-model", str(start)]) == 2  # a policy, no head
+    assert "grpo.reward_model=" in (err := capsys.readouterr().err) and "not a reward model directory" in err
+    assert main([*args, "--out", str(tmp_path / "p"), "--reward-model", str(tmp_path / "nope")]) == 2
+    assert "nope: no such directory" in capsys.readouterr().err
+
+    tok = Tokenizer.load(start)
+    template = ChatTemplate.for_tokenizer(tok, tok.chat_template)
+    rl = [RLPrompt([{"role": "user", "content": f"say {c}"}], c) for c in "ab"]
+    cfg = GRPOConfig(reward_model=str(tmp_path / "rm"), exact_match=0.5)
+    obj = GRPOObjective(rl, [], load_model(start), tok, template, cfg, 2, reward_model=cfg.reward_model)
+    obj._load_reward("cpu")
+    texts = ["a", "x"]
+    score = reward_model_fn(str(tmp_path / "rm"), template, tok)(texts, rl)
+    assert obj.reward_fn(texts, rl) == pytest.approx([s + 0.5 * e for s, e in zip(score, exact_match_reward(texts, rl))])
+    assert exact_match_reward(texts, rl) == [1.0, 0.0]
+    # right-padded batches score each reply at its own last token: as one at a time
+    one = reward_model_fn(str(tmp_path / "rm"), template, tok, batch_size=1)(["a", "a longer reply"], rl)
+    both = reward_model_fn(str(tmp_path / "rm"), template, tok)(["a", "a longer reply"], rl)
+    assert both == pytest.approx(one, abs=1e-5) and one[0] != pytest.approx(one[1])

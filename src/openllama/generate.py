@@ -615,16 +615,31 @@ class SlotBatch:
         lo, n = len(self.rows), len(group)
         T = max(lens)
         self.reserve(lo + n, T)
-        tokens = torch.full((n, T), self.gen.pad_id, dtype=torch.long)
-        for i, r in enumerate(group):
-            tokens[i, :lens[i]] = torch.tensor(r.prompt, dtype=torch.long)
+        # rows with the same prompt (n samples of a request, GRPO's group of G) share one prefill:
+        # the distinct prompts run in rows lo.., then every row copies its prompt's keys/values
+        first: dict[tuple[int, ...], int] = {}
+        distinct: list[Row] = []
+        source = []  # row i of the group copies distinct[source[i]]
+        for r in group:
+            if tuple(r.prompt) not in first:
+                first[tuple(r.prompt)] = len(distinct)
+                distinct.append(r)
+            source.append(first[tuple(r.prompt)])
+        u, ulens = len(distinct), [len(r.prompt) for r in distinct]
+        tokens = torch.full((u, T), self.gen.pad_id, dtype=torch.long)
+        for i, r in enumerate(distinct):
+            tokens[i, :ulens[i]] = torch.tensor(r.prompt, dtype=torch.long)
         tokens = tokens.to(self.gen.device)
-        view = self.cache.rows(lo, lo + n)
-        if min(lens) == T:  # no padding: the plain causal prefill, last position only
+        view = self.cache.rows(lo, lo + u)
+        if min(ulens) == T:  # no padding: the plain causal prefill, last position only
             logits = self.gen._forward(tokens, None, None, view, 0)
         else:  # right-padded: each row's logits at its own last token (only those are projected)
             h = self.gen.model(tokens, cache=view, start_pos=0, return_hidden=True)
-            logits = head(h[torch.arange(n, device=h.device), torch.tensor(lens, device=h.device) - 1])
+            logits = head(h[torch.arange(u, device=h.device), torch.tensor(ulens, device=h.device) - 1])
+        if u < n:
+            index = torch.tensor(source, device=self.gen.device)
+            self.cache.spread_rows(lo, index, T)
+            logits = logits[index]
         self.rows.extend(group)
         self._settings = None
         for r, length in zip(group, lens):

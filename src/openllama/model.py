@@ -210,6 +210,13 @@ class KVCache:
         view.max_len = self.max_len
         return view
 
+    def spread_rows(self, lo: int, source: torch.Tensor, length: int) -> None:
+        """Rows lo..lo+len(source)-1 take the first `length` columns of rows lo + source[i]: the
+        samples of one prompt share its prefill (computed once, in rows lo..lo+max(source))."""
+        n = len(source)
+        for t in (*self.k, *self.v):
+            t[lo:lo + n, :, :length] = t[lo:lo + int(source.max()) + 1, :, :length][source]
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` columns of row `src` into row `dst` (a slot leaving the batch
         is filled with the last active one, so active slots stay rows 0..B-1 and attention

@@ -61,10 +61,18 @@ def load_score_head(model: RewardModel, directory: str | Path) -> None:
         model.score.weight.copy_(load_file(str(Path(directory) / SCORE_FILE))["weight"])
 
 
-def load_reward_model(directory: str | Path, device="cpu") -> RewardModel:
-    directory = Path(directory)
+def reward_model_dir(path: str | Path) -> Path:
+    """The reward model behind `path`: its model directory, a checkpoint step or an `openllama reward` run."""
+    from ..artifacts import resolve_model_dir
+
+    directory = resolve_model_dir(path)
     if not (directory / SCORE_FILE).is_file():
-        raise UserError(f"{directory}: not a reward model (no {SCORE_FILE}); train one with `openllama reward`")
+        raise UserError(f"{path}: not a reward model directory (no {SCORE_FILE}); train one with `openllama reward`")
+    return directory
+
+
+def load_reward_model(directory: str | Path, device="cpu") -> RewardModel:
+    directory = reward_model_dir(directory)
     rm = RewardModel(load_model(directory))
     load_score_head(rm, directory)
     return rm.to(device).eval()

@@ -102,16 +102,22 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_help: str) -> None
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
 
 
-def stage_command(config_cls: type[Section], stage: Callable[..., dict], data_help: str, formats: bool = True):
+def stage_command(config_cls: type[Section], stage: Callable[..., dict], data_help: str, formats: bool = True,
+                  extra: dict[str, tuple[str, str]] | None = None):
     """(add_arguments, run) of a chat stage's subcommand: --model/--data/--out/... flags, the
-    config (`stage_config`), `stage(cfg, out, resume=, progress=)`, then a one-line summary."""
+    config (`stage_config`), `stage(cfg, out, resume=, progress=)`, then a one-line summary.
+    `extra`: the stage's own flags, `--flag` -> (the config key it sets, help)."""
+    extra = extra or {}
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_stage_arguments(parser, data_help, formats)
+        for flag, (key, help) in extra.items():
+            parser.add_argument(flag, default=None, help=f"{help} (= {key}=...)")
 
     def run(args: argparse.Namespace) -> int:
         flags = {"init": args.model, "data.train": [args.data] if args.data else None,
                  "data.format": getattr(args, "format", None), "data.on_error": args.on_error}
+        flags.update({key: getattr(args, flag.lstrip("-").replace("-", "_")) for flag, (key, _) in extra.items()})
         cfg = stage_config(config_cls, args, flags)
         print_summary(stage(cfg, args.out, resume=args.resume, progress=not args.no_progress))
         return 0
