@@ -314,3 +314,156 @@ def test_max_tokens_sets_the_number_of_steps(tokens, tmp_path):
     summary = pretrain(build(PretrainConfig, tiny_config(tokens, max_steps=None, max_tokens=3 * 4 * 32 - 5,
                                                          eval_every=0)), str(tmp_path / "r"), progress=False)
     assert summary["step"] == summary["max_steps"] == 3 and summary["tokens_seen"] == 3 * 4 * 32
+
+
+# -- data categories (docs/data.md) ---------------------------------------------------------------
+
+CATS = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def cat_tokens(tmp_path_factory) -> Path:
+    """learnable_docs in three categories of unequal size (a: half the documents)."""
+    docs = learnable_docs(300, seed=1)
+    names = [CATS[0] if i % 2 else CATS[1 + (i // 2) % 2] for i in range(len(docs))]
+    return write_token_shards(tmp_path_factory.mktemp("cat") / "tokens", docs, vocab_size=VOCAB, categories=names)
+
+
+def cat_config(tokens: Path, **train) -> dict:
+    return tiny_config(tokens, **{"max_steps": 6, "save_every": 3, "eval_every": 3, "log_every": 1, **train})
+
+
+def train_of(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def cat_runs(cat_tokens, tmp_path_factory) -> dict[str, Path]:
+    """6 steps of batch 4 x 32: straight through, stopped at 3 and resumed, and as 2 x 2 accumulated."""
+    root = tmp_path_factory.mktemp("catruns")
+    pretrain(build(PretrainConfig, cat_config(cat_tokens)), str(root / "full"), progress=False)
+    pretrain(build(PretrainConfig, cat_config(cat_tokens, halt_at_step=3)), str(root / "resumed"), progress=False)
+    pretrain(build(PretrainConfig, cat_config(cat_tokens)), str(root / "resumed"), resume=True, progress=False)
+    pretrain(build(PretrainConfig, cat_config(cat_tokens, micro_batch_size=2, grad_accum_steps=2)),
+             str(root / "accum"), progress=False)
+    return {"full": root / "full", "resumed": root / "resumed", "accum": root / "accum"}
+
+
+def _scored_per_category(batches, steps: int, micro: int) -> list[np.ndarray]:
+    """Per step, the scored targets of each category, counted from the batches themselves."""
+    out = []
+    for _ in range(steps):
+        n = np.zeros(len(CATS))
+        for _ in range(micro):
+            b = next(batches)
+            n += np.bincount(b["category"][b["targets"] != -100].numpy(), minlength=len(CATS))
+        out.append(n)
+    return out
+
+
+def test_category_metrics_add_up_to_the_step(cat_runs, cat_tokens):
+    train = train_of(cat_runs["full"])
+    objective = PretrainObjective(build(PretrainConfig, cat_config(cat_tokens)).data, 32, 4)
+    scored = _scored_per_category(objective.train_batches(0, 1), 6, 1)
+    seen = np.zeros(len(CATS))
+    for r, n in zip(train, scored):
+        # tokens: every position counts for its document's category, so they add up to the engine's
+        now = np.array([r[f"tokens_seen/{c}"] for c in CATS])
+        assert now.sum() == r["tokens_seen"] and (now - seen).sum() == r["tokens"] == 4 * 32
+        seen = now
+        # loss: token-weighted, the categories' losses give the step's (one micro-batch) loss
+        losses = np.array([r.get(f"loss/{c}", 0.0) for c in CATS])
+        assert all((f"loss/{c}" in r) == (n[i] > 0) for i, c in enumerate(CATS))
+        assert (losses * n).sum() / n.sum() == pytest.approx(r["loss"], rel=1e-6)
+
+
+def test_validation_loss_per_category_is_token_weighted(cat_runs, cat_tokens):
+    from openllama.data.packing import eval_batches
+
+    evals = [r for r in read_metrics(cat_runs["full"] / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    objective = PretrainObjective(build(PretrainConfig, cat_config(cat_tokens)).data, 32, 4, eval_batches=4)
+    (val,) = objective.val
+    n = _scored_per_category(eval_batches(val, 32, 4, 4, CATS), 1, 4)[0]
+    for r in evals:
+        losses = np.array([r[f"val_loss/{c}"] for c in CATS])
+        assert (losses * n).sum() / n.sum() == pytest.approx(r["val_loss"], rel=1e-6)
+
+
+def test_category_counts_survive_resume_and_add_over_accumulation(cat_runs):
+    full, resumed, accum = (train_of(cat_runs[k]) for k in ("full", "resumed", "accum"))
+    keys = [f"tokens_seen/{c}" for c in CATS] + [f"loss/{c}" for c in CATS]
+    assert [[r.get(k) for k in keys] for r in resumed] == [[r.get(k) for k in keys] for r in full]
+    state = torch.load(cat_runs["resumed"] / "checkpoints/step_0000006/state/objective.pt", weights_only=True)
+    assert state == {"category_tokens_seen": {c: full[-1][f"tokens_seen/{c}"] for c in CATS}}
+    # 2 micro-batches of 2 are the 4 samples of one micro-batch of 4: sums, not averages, per category
+    for a, b in zip(full, accum):
+        assert [a[f"tokens_seen/{c}"] for c in CATS] == [b[f"tokens_seen/{c}"] for c in CATS]
+    # the same weights at step 1: the same per-category loss (for the categories the step holds)
+    losses = {k: v for k, v in full[0].items() if k.startswith("loss/")}
+    assert len(losses) >= 2 and losses == pytest.approx({k: v for k, v in accum[0].items() if k.startswith("loss/")},
+                                                        rel=1e-5)
+
+
+def test_plot_draws_the_categories(cat_runs, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from openllama.train.plot import plot_run
+
+    drawn = {}
+    save = Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        drawn[Path(path).name] = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    paths = plot_run(cat_runs["full"])
+    assert paths[-1].name == "categories.png" and paths[-1].read_bytes()[:4] == b"\x89PNG"
+    assert sorted(drawn["categories.png"]) == sorted([f"{c} (train)" for c in CATS] + [f"{c} (val)" for c in CATS]
+                                                     + CATS)
+
+
+def test_category_weights_config(cat_tokens):
+    def objective(**data):
+        cfg = cat_config(cat_tokens)
+        cfg["data"].update(data)
+        return PretrainObjective(build(PretrainConfig, cfg).data, 32, 4)
+
+    with pytest.raises(UserError, match=r"data.category_weights.d: no such category in data.train \(its categories: a, b, c\)"):
+        objective(category_weights={"a": 1, "b": 1, "c": 1, "d": 1})
+    with pytest.raises(UserError, match="no weight for c"):
+        objective(category_weights={"a": 1, "b": 1})
+    with pytest.raises(UserError, match=r"data.train\[0\].weight"):
+        objective(train=[{"path": str(cat_tokens), "weight": 2}], category_weights={"a": 1, "b": 1, "c": 1})
+    with pytest.raises(UserError, match="category_weights"):  # typed: a negative weight is refused by the config
+        objective(category_weights={"a": -1, "b": 1, "c": 1})
+    # honoured: the tokens of each category in what training reads follow the weights
+    batches = objective(category_weights={"a": 1, "b": 3, "c": 0}).train_batches(0, 1)
+    counts = sum(np.bincount(next(batches)["category"].flatten().numpy(), minlength=3) for _ in range(50))
+    assert counts[2] == 0 and counts[1] / counts.sum() == pytest.approx(0.75, abs=0.01)
+
+
+def test_fused_loss_hands_out_its_per_token_losses():
+    """`row_losses`: the per-token losses of the same pass, in every chunk, without changing the
+    loss or its gradients (what the per-category tally rests on)."""
+    from openllama.model import linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(50, 16, generator=gen, requires_grad=True), torch.randn(40, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 40, (50,), generator=gen)
+    targets[::7] = -100
+    ref = linear_cross_entropy(h, w, targets, reduction="none")
+    grads = torch.autograd.grad(ref.sum() / (targets != -100).sum(), (h, w))
+    for chunk_bytes in (4 * 40 * 8, None):  # chunks of 8 rows, and one chunk
+        rows = torch.full((50,), float("nan"))
+        loss = linear_cross_entropy(h, w, targets, chunk_bytes=chunk_bytes, row_losses=rows)
+        torch.testing.assert_close(rows, ref.detach())
+        torch.testing.assert_close(loss, rows.sum() / (targets != -100).sum())
+        for got, want in zip(torch.autograd.grad(loss, (h, w)), grads):
+            torch.testing.assert_close(got, want)
+    with torch.no_grad():  # evaluation's path (no gradients formed)
+        rows = torch.full((50,), float("nan"))
+        total = linear_cross_entropy(h, w, targets, reduction="sum", row_losses=rows)
+        torch.testing.assert_close(rows, ref.detach())
+        torch.testing.assert_close(total, rows.sum())

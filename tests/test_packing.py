@@ -1,4 +1,5 @@
-"""Packed batches: rank partition, exact resume, document boundaries, mixing weights."""
+"""Packed batches: rank partition, exact resume, document boundaries, mixing weights, data categories
+(per token, and mixing by category)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from openllama.data.packing import IGNORE_INDEX, PackedBatches, TokenCorpus, eval_batches
+from openllama.data.packing import IGNORE_INDEX, PackedBatches, TokenCorpus, eval_batches, split_by_category
 from openllama.errors import UserError
 
 BOS, EOS = 1, 2
 
 
 def write_token_shards(directory: Path, docs: list[list[int]], vocab_size: int = 512, docs_per_shard: int = 50,
-                       bytes_per_token: float = 3.0) -> Path:
+                       bytes_per_token: float = 3.0, categories: list[str] | None = None) -> Path:
     """Token shards in the documented format (docs/architecture.md), written by hand:
-    NAME.bin (uint16 ids), NAME.idx.npy (int64 document starts + end), manifest.json."""
+    NAME.bin (uint16 ids), NAME.idx.npy (int64 document starts + end), manifest.json, and with
+    `categories` (a name per document) NAME.cat.npy; without, a directory from before categories."""
     directory.mkdir(parents=True, exist_ok=True)
     shards = []
     for i in range(0, len(docs), docs_per_shard):
@@ -32,6 +34,9 @@ def write_token_shards(directory: Path, docs: list[list[int]], vocab_size: int =
         num_bytes = int(sum(len(d) - 2 for d in part) * bytes_per_token)
         shards.append({"name": name, "num_tokens": int(len(flat)), "num_docs": len(part), "num_bytes": num_bytes,
                        "sha256": hashlib.sha256(flat.tobytes()).hexdigest()})
+        if categories is not None:
+            shards[-1].update(_write_categories(directory / f"{name}.cat.npy", categories[i:i + docs_per_shard],
+                                                [len(d) for d in part]))
     manifest = {"format": "openllama-tokens",
                 "tokenizer": {"fingerprint": "test", "vocab_size": vocab_size, "bos_id": BOS, "eos_id": EOS},
                 "dtype": "uint16", "shards": shards,
@@ -39,6 +44,14 @@ def write_token_shards(directory: Path, docs: list[list[int]], vocab_size: int =
                 "num_bytes": sum(s["num_bytes"] for s in shards), "source": "test"}
     (directory / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return directory
+
+
+def _write_categories(path: Path, names: list[str], lengths: list[int]) -> dict:
+    """NAME.cat.npy (uint16 index into the entry's first-appearance list) and the entry's keys."""
+    local = list(dict.fromkeys(names))
+    np.save(path, np.array([local.index(n) for n in names], dtype=np.uint16))
+    return {"categories": local, "category_docs": [names.count(n) for n in local],
+            "category_tokens": [sum(t for m, t in zip(names, lengths) if m == n) for n in local]}
 
 
 def random_docs(n: int, seed: int, lo: int = 3, hi: int = 40, vocab: int = 512, tag: int | None = None) -> list[list[int]]:
@@ -185,3 +198,74 @@ def test_bad_inputs(tmp_path, corpus):
         PackedBatches([corpus], [1.0], 16, 4, seed=6).load_state_dict(state)
     with pytest.raises(UserError, match="divide"):
         PackedBatches([corpus], [1.0], 16, 4, seed=5, rank=0, world=3).load_state_dict(state)
+
+
+# -- data categories ---------------------------------------------------------------------------------
+
+
+CATEGORIES = ["Pile-CC", "Wikipedia (en)", "zh"]  # sorted, as the batches number them
+
+
+def tagged_corpus(directory: Path, names: list[str], n: int, seed: int) -> Path:
+    """n documents, document i of category names[i % len] (and every third one of the first name,
+    so the categories differ in size); every body token is 100 + the category's index in
+    CATEGORIES, so a token tells its category."""
+    rng = np.random.default_rng(seed)
+    cats = [names[0] if i % 3 == 0 else names[i % len(names)] for i in range(n)]
+    docs = [[3 + i % 50] + [100 + CATEGORIES.index(c)] * int(rng.integers(4, 40)) for i, c in enumerate(cats)]
+    return write_token_shards(directory, docs, docs_per_shard=40, categories=cats)
+
+
+def test_batches_carry_each_tokens_category(tmp_path):
+    a = TokenCorpus(tagged_corpus(tmp_path / "a", CATEGORIES, 90, seed=1))
+    b = TokenCorpus(tagged_corpus(tmp_path / "b", CATEGORIES[1:], 60, seed=2))  # a subset of the categories
+    assert a.categories == CATEGORIES and b.categories == CATEGORIES[1:]
+    it = PackedBatches([a, b], [1.0, 1.0], 32, 4, seed=0)
+    assert it.categories == CATEGORIES  # one numbering for both corpora
+    for _ in range(12):
+        batch = next(it)
+        tokens, cat = batch["tokens"], batch["category"]
+        body = tokens >= 100  # a body token's tag names its category
+        assert torch.equal(cat[body], tokens[body] - 100)
+        same_doc = batch["doc_ids"][:, 1:] == batch["doc_ids"][:, :-1]  # bos/eos/first ids: their document's
+        assert bool((cat[:, 1:][same_doc] == cat[:, :-1][same_doc]).all())
+    held = next(eval_batches(b, 32, 4, max_batches=2, categories=["x", *CATEGORIES]))
+    body = held["tokens"] >= 100
+    assert torch.equal(held["category"][body], held["tokens"][body] - 99)  # indexes the list given
+
+
+def test_old_token_dirs_read_as_one_unknown_category(corpus):
+    assert corpus.categories == ["unknown"] and not corpus.doc_category.any()
+    assert bool((next(PackedBatches([corpus], [1.0], 16, 2))["category"] == 0).all())
+
+
+def test_category_weights_give_each_category_its_token_share(tmp_path):
+    a = TokenCorpus(tagged_corpus(tmp_path / "a", CATEGORIES, 90, seed=1))
+    b = TokenCorpus(tagged_corpus(tmp_path / "b", CATEGORIES, 60, seed=2))
+    weights = {"Pile-CC": 1.0, "Wikipedia (en)": 2.0, "zh": 1.0}  # Pile-CC has the most tokens, zh the fewest
+    parts, shares = split_by_category([a, b], weights)
+    assert len(parts) == 6 and all(len(set(p.doc_category.tolist())) == 1 for p in parts)
+    assert sum(shares) == pytest.approx(4.0)
+    it = PackedBatches(parts, shares, 32, 4, seed=0)
+    counts = torch.zeros(3)
+    for _ in range(100):  # 400 windows: several epochs of the small categories
+        cat = next(it)["category"]
+        counts += torch.bincount(cat.flatten(), minlength=3)
+    share = (counts / counts.sum()).tolist()
+    assert share == pytest.approx([0.25, 0.5, 0.25], abs=0.01)
+    # deterministic and resumable: a copy restored from the position continues identically
+    state = it.state_dict()
+    want = [next(it) for _ in range(5)]
+    again = PackedBatches(split_by_category([a, b], weights)[0], shares, 32, 4, seed=0)
+    again.load_state_dict(state)
+    for w in want:
+        got = next(again)
+        assert all(torch.equal(got[k], w[k]) for k in w)
+    # weight 0 leaves a category out
+    parts, shares = split_by_category([a, b], {**weights, "zh": 0.0})
+    assert {names_of(p) for p in parts} == {"Pile-CC", "Wikipedia (en)"}
+
+
+def names_of(corpus: TokenCorpus) -> str:
+    (name,) = {corpus.categories[k] for k in corpus.doc_category.tolist()}
+    return name

@@ -62,3 +62,39 @@ def test_pretrain_tiny_preset_on_real_text(shakespeare_tokens, tmp_path, capsys)
                      "--seq-len", "64", "--max-batches", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["loss"] < train[0]["loss"] and result["bits_per_byte"] > 0
+
+
+@pytest.mark.slow
+def test_category_metrics_two_ranks_equal_one_rank_with_two_accumulation_steps(tmp_path):
+    """The per-category numbers go through the engine's all-reduce: 2 DDP ranks under torchrun give
+    what 1 process with 2 accumulation steps gives (counts exactly, losses to float tolerance)."""
+    import sys
+
+    import yaml
+    from test_distributed import TORCHRUN, event
+    from test_distributed import pretrain as launch
+    from test_engine import CATS, cat_config, learnable_docs, train_of
+    from test_packing import write_token_shards
+
+    docs = learnable_docs(300, seed=1)
+    names = [CATS[i % 3] for i in range(len(docs))]
+    tokens = write_token_shards(tmp_path / "tokens", docs, vocab_size=64, categories=names)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cat_config(tokens, max_steps=4, save_every=0, eval_every=2)))
+    launch(config, tmp_path / "one", [sys.executable], "train.grad_accum_steps=2")
+    launch(config, tmp_path / "two", TORCHRUN)
+    assert event(tmp_path / "two", "start")["world"] == 2
+    one, two = train_of(tmp_path / "one"), train_of(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        seen = {k: v for k, v in a.items() if k.startswith("tokens_seen/")}
+        assert len(seen) == 3 and seen == {k: v for k, v in b.items() if k.startswith("tokens_seen/")}
+        assert sum(seen.values()) == a["tokens_seen"] == b["tokens_seen"]
+        losses = {k: v for k, v in a.items() if k.startswith("loss/")}
+        assert losses == pytest.approx({k: v for k, v in b.items() if k.startswith("loss/")}, abs=1e-5)
+    evals = [[r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"] for run in (tmp_path / "one",
+                                                                                                  tmp_path / "two")]
+    for a, b in zip(*evals):
+        val = {k: v for k, v in a.items() if k.startswith("val_loss/")}
+        assert len(val) == 3 and val == pytest.approx({k: v for k, v in b.items() if k.startswith("val_loss/")},
+                                                      abs=1e-5)

@@ -99,3 +99,66 @@ def test_cli_tokenize_refuses_a_corrupt_text_shard(prepared, tmp_path, capsys):
 
 def test_dtype_follows_the_vocabulary():
     assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32 and token_dtype(100_000) == np.uint32
+
+
+# -- data categories ---------------------------------------------------------------------------------
+
+
+def _category_inputs(root: Path) -> list[str]:
+    """A Pile-style jsonl (`meta.pile_set_name`, one record without it), a WuDao-style JSON array
+    (`dataType`) and a plain jsonl (no category): every document's text names its category."""
+    root.mkdir(parents=True, exist_ok=True)
+    pile = [{"text": f"Pile document {i} from {name}: the quick brown fox jumps over the lazy dog {i}.",
+             "meta": {"pile_set_name": name}} for i, name in enumerate(["Pile-CC", "Wikipedia (en)"] * 6)]
+    pile.append({"text": "Pile document without a set name: it takes the file's stem.", "meta": {}})
+    (root / "pile_part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pile), encoding="utf-8")
+    wudao = [{"id": i, "dataType": kind, "title": f"标题{i}", "content": f"WuDao {kind} 第{i}篇文章的内容，讲了一些事情。"}
+             for i, kind in enumerate(["百科", "新闻"] * 4)]
+    (root / "wudao_part.json").write_text(json.dumps(wudao, ensure_ascii=False), encoding="utf-8")
+    plain = [{"text": f"Plain document {i} in a file of its own, with no category field at all."} for i in range(5)]
+    (root / "notes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain), encoding="utf-8")
+    return [str(root / n) for n in ("pile_part.jsonl", "wudao_part.json", "notes.jsonl")]
+
+
+def _expected_category(text: str) -> str:
+    for name in ("Pile-CC", "Wikipedia (en)", "百科", "新闻"):
+        if f"from {name}:" in text or f"WuDao {name} " in text:
+            return name
+    return "pile_part" if text.startswith("Pile") else "notes"
+
+
+def test_category_survives_prepare_and_tokenize(tmp_path):
+    prepare(_category_inputs(tmp_path / "raw"), tmp_path / "text", PrepareOptions(max_lines=10, progress=False))
+    train_tokenizer([tmp_path / "text"], tmp_path / "tok", vocab_size=400, sample_bytes=None)
+    manifest = tokenize([tmp_path / "text"], tmp_path / "tok", tmp_path / "t", workers=2, progress=False)
+    ts = TokenShards(tmp_path / "t")
+    assert len(manifest["shards"]) == 3  # 26 documents, 10 a shard: categories cross shard borders
+    texts = list(shards.iter_texts(tmp_path / "text"))
+    names = [ts.categories[k] for k in ts.document_categories()]
+    assert names == [_expected_category(t) for t in texts]
+    assert ts.categories == sorted({"Pile-CC", "Wikipedia (en)", "pile_part", "百科", "新闻", "notes"})
+    spans = ts.document_spans()
+    for name, counts in manifest["categories"].items():
+        mine = [i for i, n in enumerate(names) if n == name]
+        assert counts == {"docs": len(mine), "tokens": int(sum(spans[i, 2] - spans[i, 1] for i in mine))}
+    # the per-shard ids are uint16 indexes into the shard's own list (first appearance)
+    first = manifest["shards"][0]
+    local = np.load(tmp_path / "t" / f"{first['name']}.cat.npy")
+    assert local.dtype == np.uint16 and [first["categories"][k] for k in local] == names[:first["num_docs"]]
+
+
+def test_category_names_and_old_directories(tmp_path):
+    from openllama.data.tokens import UNKNOWN, category_of
+    from test_packing import write_token_shards
+
+    # web text is categorised by its language (Common Crawl per language), then by source
+    assert category_of({"text": "x", "source": "CC-MAIN-2023", "language": "zh"}) == "zh"
+    assert category_of({"text": "x", "source": "Github"}) == "Github"
+    assert category_of({"text": "x"}) == UNKNOWN == "unknown"
+    old = TokenShards(write_token_shards(tmp_path / "old", [[5, 6, 7]] * 4))  # no .cat.npy: before categories
+    assert old.categories == ["unknown"] and old.document_categories().tolist() == [0, 0, 0, 0]
+    new = write_token_shards(tmp_path / "new", [[5, 6, 7]] * 4, categories=["a", "b", "a", "b"])
+    assert TokenShards(new).document_categories().tolist() == [0, 1, 0, 1]
+    (new / "shard_00000.cat.npy").unlink()
+    with pytest.raises(UserError, match=r"shard_00000.cat.npy: missing"):
+        TokenShards(new).document_categories()

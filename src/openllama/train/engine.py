@@ -368,7 +368,7 @@ def _grad_norm(run: _Run) -> float:
 
 def _train_step(run: _Run, objective: Objective, batches) -> StepResult:
     """Accumulate gradients over the micro-batches, clip, and average the numbers over ranks with
-    one all-reduce (loss, tokens and the objective's metrics together). No update yet."""
+    one all-reduce (loss, tokens, the objective's metrics and its `step_sums` together). No update yet."""
     accum = run.tc.grad_accum_steps
     loss_sum = torch.zeros((), device=run.device, dtype=torch.float32)
     n_tokens, sums = 0, {}
@@ -381,10 +381,14 @@ def _train_step(run: _Run, objective: Objective, batches) -> StepResult:
     grad_norm = _grad_norm(run)
     keys = sorted(sums)
     packed = torch.tensor([float(n_tokens)] + [sums[k] for k in keys], device=run.device, dtype=torch.float64)
-    packed = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), packed]))
+    extra = objective.step_sums(run.device)  # summed, not averaged: e.g. per-category loss sums and counts
+    parts = [loss_sum.double().reshape(1), packed] + ([extra.to(run.device, torch.float64)] if extra is not None else [])
+    packed = all_reduce_sum(torch.cat(parts))
     per = accum * run.world
-    return StepResult(float(packed[0]) / per, int(packed[1]),
-                      {k: float(packed[2 + i]) / per for i, k in enumerate(keys)}, grad_norm)
+    metrics = {k: float(packed[2 + i]) / per for i, k in enumerate(keys)}
+    if extra is not None:
+        metrics.update(objective.step_metrics(packed[2 + len(keys):]))
+    return StepResult(float(packed[0]) / per, int(packed[1]), metrics, grad_norm)
 
 
 def _apply_update(run: _Run, finite: bool) -> None:

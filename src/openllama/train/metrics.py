@@ -1,4 +1,5 @@
-"""Run metrics: the JSONL log, throughput and MFU, peak FLOP/s of the device, loss-spike detection."""
+"""Run metrics: the JSONL log, throughput and MFU, peak FLOP/s of the device, loss-spike detection,
+and the per-data-category tally of pretraining."""
 
 from __future__ import annotations
 
@@ -118,6 +119,56 @@ class SpikeDetector:
             self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
             self.count += 1
         return spike
+
+
+class CategoryTally:
+    """Loss and tokens per data category (docs/data.md). `add` takes a micro-batch's per-token
+    losses on the device without a host sync (index_add_, not bincount, which syncs to size its
+    output); `pending` hands the step's sums (to be summed over ranks, then given to `finish`,
+    which turns them into metrics and adds the tokens to the cumulative `seen`, checkpointed state).
+
+    Every position counts as a token of its document's category (so the categories' tokens add up
+    to the engine's `tokens`); the loss counts only scored targets (targets != IGNORE_INDEX), whose
+    category is the same as their input's."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.seen = [0] * len(self.names)  # tokens per category since the start of the run
+        self._sums: torch.Tensor | None = None  # (3, K + 1): loss, scored targets, tokens; bin K: unscored
+
+    def add(self, rows: torch.Tensor, targets: torch.Tensor, category: torch.Tensor, ignore_index: int) -> None:
+        k = len(self.names)
+        if self._sums is None:
+            self._sums = torch.zeros(3, k + 1, dtype=torch.float64, device=rows.device)
+        cat = category.reshape(-1)
+        scored = torch.where(targets.reshape(-1) != ignore_index, cat, k)
+        ones = torch.ones(cat.shape, dtype=torch.float64, device=rows.device)
+        self._sums[0].index_add_(0, scored, rows.detach().reshape(-1).double())
+        self._sums[1].index_add_(0, scored, ones)
+        self._sums[2].index_add_(0, cat, ones)
+
+    def pending(self, device: torch.device) -> torch.Tensor:
+        """This rank's sums since the last call, (3 * K,) float64 (zeros if no batch came), and reset."""
+        k = len(self.names)
+        sums = self._sums[:, :k] if self._sums is not None else torch.zeros(3, k, dtype=torch.float64, device=device)
+        self._sums = None
+        return sums.reshape(-1)
+
+    def finish(self, summed: torch.Tensor) -> dict[str, float]:
+        """Metrics of summed `pending` sums: `loss/<name>` (token-weighted, where some target was
+        scored) and the cumulative `tokens_seen/<name>` (every category, every step)."""
+        loss, scored, tokens = summed.reshape(3, -1).tolist()  # one device-to-host copy
+        self.seen = [s + round(t) for s, t in zip(self.seen, tokens)]
+        out = {f"loss/{n}": loss[i] / scored[i] for i, n in enumerate(self.names) if scored[i] > 0}
+        out.update({f"tokens_seen/{n}": s for n, s in zip(self.names, self.seen)})
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(zip(self.names, self.seen))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """By name: a category the checkpoint did not know starts at 0."""
+        self.seen = [int(state.get(n, 0)) for n in self.names]
 
 
 class MetricsLog:

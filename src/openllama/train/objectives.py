@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import torch
 from pydantic import Field, field_validator
 
 from ..config import Section
-from ..data.packing import PackedBatches, TokenCorpus
+from ..data.packing import PackedBatches, TokenCorpus, eval_batches, split_by_category
 from ..errors import UserError
-from ..evaluate import evaluate_corpus
+from ..evaluate import bits_per_byte
 from ..labels import IGNORE_INDEX
+from .metrics import CategoryTally
 
 
 class Objective:
@@ -52,6 +53,16 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def step_sums(self, device: torch.device) -> torch.Tensor | None:
+        """Numbers this rank gathered over the micro-batches of the step now ending: a 1-D float64
+        tensor, the same length on every rank, that the engine sums over ranks (in the all-reduce
+        it makes anyway) and hands to `step_metrics`. None: nothing."""
+        return None
+
+    def step_metrics(self, summed: torch.Tensor) -> dict[str, float]:
+        """The step's metrics from `step_sums` summed over ranks (logged as they are, not averaged)."""
+        return {}
+
 
 class CorpusSource(Section):
     path: str  # a token-shard directory (`openllama data tokenize`)
@@ -64,6 +75,9 @@ class PretrainData(Section):
     (`val_docs` each, or `val_fraction` of them), which training then never sees."""
 
     train: list[CorpusSource] = []
+    # mixing by data category instead of by directory (docs/data.md): {category: weight}, shares
+    # weight / sum(weights); every category of the training data needs one (0 leaves it out)
+    category_weights: dict[str, Annotated[float, Field(ge=0)]] = {}
     val: str | None = None
     val_docs: int | None = Field(None, gt=0)
     val_fraction: float = Field(0.01, ge=0, lt=1)
@@ -127,9 +141,32 @@ def check_token_dir(path: str | Path, key: str, verify_sha256: bool | None = Non
                         f"at {tok_dir} is {found[:12]}; re-run `openllama data tokenize` or restore the tokenizer")
 
 
+def check_category_weights(data: PretrainData, corpora: list[TokenCorpus]) -> None:
+    """data.category_weights against the categories the training documents have: each named one
+    exists, each present one has a weight, some weight is positive, directory weights stay 1."""
+    present = sorted({n for c in corpora for n in c.category_tokens()})
+    given = data.category_weights
+    unknown = sorted(set(given) - set(present))
+    if unknown:
+        raise UserError(f"data.category_weights.{unknown[0]}: no such category in data.train "
+                        f"(its categories: {', '.join(present)})")
+    missing = [n for n in present if n not in given]
+    if missing:
+        raise UserError(f"data.category_weights: no weight for {', '.join(missing)} (every category of "
+                        f"data.train needs one; 0 leaves a category out)")
+    if not any(given[n] > 0 for n in present):
+        raise UserError("data.category_weights: every weight is 0, nothing left to train on")
+    fixed = [i for i, s in enumerate(data.train) if s.weight != 1]
+    if fixed:
+        raise UserError(f"data.train[{fixed[0]}].weight: per-directory weights and data.category_weights "
+                        f"exclude each other (leave the directory weights at 1)")
+
+
 class PretrainObjective(Objective):
     """Next-token prediction on packed windows; loss is the mean cross-entropy over the predicted
-    tokens of a micro-batch (labels that cross a document boundary are ignored)."""
+    tokens of a micro-batch (labels that cross a document boundary are ignored). With more than one
+    data category, also the loss and tokens seen per category (`CategoryTally`) and the
+    validation loss per category."""
 
     def __init__(self, data: PretrainData, seq_len: int, micro_batch_size: int, seed: int = 0,
                  eval_batches: int = 8, vocab_size: int | None = None, eval_tasks: list[str] | None = None,
@@ -138,34 +175,13 @@ class PretrainObjective(Objective):
             raise UserError("data.train: no token shards given (set data.train=DIR or a list of {path, weight})")
         self.seq_len, self.micro_batch_size, self.seed, self.eval_batches = seq_len, micro_batch_size, seed, eval_batches
         self.weights = [s.weight for s in data.train]
-        self.corpora: list[TokenCorpus] = []
-        self.val: list[TokenCorpus] = []
-        for i, source in enumerate(data.train):
-            full = TokenCorpus(source.path)
-            tok = full.manifest.get("tokenizer", {})
-            if vocab_size is not None and tok.get("vocab_size", 0) > vocab_size:
-                raise UserError(f"data.train[{i}].path: {source.path} was tokenized with vocab_size "
-                                f"{tok['vocab_size']}, larger than model.vocab_size {vocab_size}")
-            if i and tok.get("fingerprint") != self.corpora[0].manifest.get("tokenizer", {}).get("fingerprint"):
-                raise UserError(f"data.train[{i}].path: {source.path} uses another tokenizer than data.train[0]")
-            held = 0
-            if data.val is None:
-                if data.val_docs:
-                    held = data.val_docs
-                elif data.val_fraction:
-                    held = max(1, math.ceil(full.num_docs * data.val_fraction))
-                if held >= full.num_docs:
-                    raise UserError(f"data.train[{i}].path: holding out {held} of {full.num_docs} documents leaves "
-                                    f"nothing to train on (lower data.val_docs / data.val_fraction)")
-            self.corpora.append(TokenCorpus(source.path, (0, full.num_docs - held)) if held else full)
-            if held:
-                self.val.append(TokenCorpus(source.path, (full.num_docs - held, full.num_docs)))
-        if data.val is not None:
-            self.val = [TokenCorpus(data.val)]
-        for corpus in self.val:
-            if corpus.num_tokens < seq_len + 1:
-                raise UserError(f"{corpus.path}: held-out part has {corpus.num_tokens} tokens, fewer than one window of "
-                                f"train.seq_len {seq_len} + 1 (raise data.val_docs or give data.val)")
+        self.corpora, self.val = self._load_corpora(data, seq_len, vocab_size)
+        self.categories = sorted({n for c in self.corpora + self.val for n in c.categories})
+        self.tally = CategoryTally(self.categories) if len(self.categories) > 1 else None
+        self.streams, self.stream_weights = self.corpora, self.weights
+        if data.category_weights:
+            check_category_weights(data, self.corpora)
+            self.streams, self.stream_weights = split_by_category(self.corpora, data.category_weights)
         self.tokenizer_dir = tokenizer_dir_of(data.train[0].path)
         for i, source in enumerate(data.train):
             check_token_dir(source.path, f"data.train[{i}].path", data.verify_sha256)
@@ -180,30 +196,114 @@ class PretrainObjective(Objective):
                 raise UserError("train.eval_tasks: the token shards have no tokenizer beside them to encode the tasks")
             self.lm_eval = TaskSuite(eval_tasks, Tokenizer.load(self.tokenizer_dir), limit=eval_tasks_limit)
 
+    @staticmethod
+    def _load_corpora(data: PretrainData, seq_len: int, vocab_size: int | None):
+        """(training corpora, held-out corpora): the held-out part is data.val, or else the last
+        documents of every training directory."""
+        corpora, val = [], []
+        for i, source in enumerate(data.train):
+            full = TokenCorpus(source.path)
+            tok = full.manifest.get("tokenizer", {})
+            if vocab_size is not None and tok.get("vocab_size", 0) > vocab_size:
+                raise UserError(f"data.train[{i}].path: {source.path} was tokenized with vocab_size "
+                                f"{tok['vocab_size']}, larger than model.vocab_size {vocab_size}")
+            if i and tok.get("fingerprint") != corpora[0].manifest.get("tokenizer", {}).get("fingerprint"):
+                raise UserError(f"data.train[{i}].path: {source.path} uses another tokenizer than data.train[0]")
+            held = 0
+            if data.val is None:
+                if data.val_docs:
+                    held = data.val_docs
+                elif data.val_fraction:
+                    held = max(1, math.ceil(full.num_docs * data.val_fraction))
+                if held >= full.num_docs:
+                    raise UserError(f"data.train[{i}].path: holding out {held} of {full.num_docs} documents leaves "
+                                    f"nothing to train on (lower data.val_docs / data.val_fraction)")
+            corpora.append(TokenCorpus(source.path, (0, full.num_docs - held)) if held else full)
+            if held:
+                val.append(TokenCorpus(source.path, (full.num_docs - held, full.num_docs)))
+        if data.val is not None:
+            val = [TokenCorpus(data.val)]
+        for corpus in val:
+            if corpus.num_tokens < seq_len + 1:
+                raise UserError(f"{corpus.path}: held-out part has {corpus.num_tokens} tokens, fewer than one window of "
+                                f"train.seq_len {seq_len} + 1 (raise data.val_docs or give data.val)")
+        return corpora, val
+
     def train_batches(self, rank: int, world: int) -> PackedBatches:
-        return PackedBatches(self.corpora, self.weights, self.seq_len, self.micro_batch_size, self.seed, rank, world)
+        return PackedBatches(self.streams, self.stream_weights, self.seq_len, self.micro_batch_size, self.seed, rank,
+                             world, categories=self.categories)
 
     def loss(self, model, batch: dict[str, torch.Tensor]):
         # the model's fused output projection + cross-entropy: the (B, T, vocab) logits never exist
-        # (same value and gradients as logits + F.cross_entropy, less time and memory)
-        loss = model(batch["tokens"], doc_ids=batch["doc_ids"], targets=batch["targets"], ignore_index=IGNORE_INDEX)
+        # (same value and gradients as logits + F.cross_entropy, less time and memory); its per-token
+        # losses come from the same pass (`row_losses`), so the per-category tally costs no matmul
+        targets = batch["targets"]
+        rows = torch.empty(targets.numel(), dtype=torch.float32, device=targets.device) if self.tally else None
+        loss = model(batch["tokens"], doc_ids=batch["doc_ids"], targets=targets, ignore_index=IGNORE_INDEX,
+                     row_losses=rows)
+        if self.tally is not None:
+            self.tally.add(rows, targets, batch["category"], IGNORE_INDEX)
         return loss, {}, batch["tokens"].numel()
 
+    def step_sums(self, device: torch.device) -> torch.Tensor | None:
+        return self.tally.pending(device) if self.tally is not None else None
+
+    def step_metrics(self, summed: torch.Tensor) -> dict[str, float]:
+        return self.tally.finish(summed) if self.tally is not None else {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return {"category_tokens_seen": self.tally.state_dict()} if self.tally is not None else None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.tally is not None and "category_tokens_seen" in state:
+            self.tally.load_state_dict(state["category_tokens_seen"])
+
+    @torch.no_grad()
+    def _held_out(self, model, corpus: TokenCorpus, sums: torch.Tensor | None) -> tuple[float, int]:
+        """(summed loss, scored targets) on a held-out corpus, through the fused loss with
+        reduction="sum" (the numbers `openllama evaluate` gives); its per-token losses go into
+        `sums` ((2, K + 1): loss and scored targets per category, bin K unscored)."""
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for batch in eval_batches(corpus, self.seq_len, self.micro_batch_size, self.eval_batches, self.categories):
+            targets = batch["targets"].to(device)
+            rows = torch.empty(targets.numel(), dtype=torch.float32, device=device) if sums is not None else None
+            total += float(model(batch["tokens"].to(device), doc_ids=batch["doc_ids"].to(device), targets=targets,
+                                 ignore_index=IGNORE_INDEX, reduction="sum", row_losses=rows))
+            valid = targets.reshape(-1) != IGNORE_INDEX
+            count += int(valid.sum())
+            if sums is not None:
+                scored = torch.where(valid, batch["category"].to(device).reshape(-1), len(self.categories))
+                sums[0].index_add_(0, scored, rows.double())
+                sums[1].index_add_(0, scored, torch.ones_like(rows, dtype=torch.float64))
+        return total, count
+
+    def _validation(self, model) -> dict[str, float]:
+        """val_loss / val_bits_per_byte weighted over the held-out corpora by mixing weight (and each
+        corpus's when there are several); val_loss/<category>: token-weighted over all of them."""
+        device = next(model.parameters()).device
+        sums = torch.zeros(2, len(self.categories) + 1, dtype=torch.float64, device=device) if self.tally else None
+        losses, bpbs = [], []
+        for corpus in self.val:
+            total, count = self._held_out(model, corpus, sums)
+            losses.append(total / count if count else float("nan"))
+            bpbs.append(bits_per_byte(losses[-1], corpus.tokens_per_byte))
+        weights = self.weights if len(losses) == len(self.weights) else [1.0] * len(losses)
+        out = {"val_loss": sum(w * x for w, x in zip(weights, losses)) / sum(weights),
+               "val_bits_per_byte": sum(w * x for w, x in zip(weights, bpbs)) / sum(weights)}
+        if len(losses) > 1:
+            for i, (loss, bpb) in enumerate(zip(losses, bpbs)):
+                out[f"val_loss_{i}"], out[f"val_bits_per_byte_{i}"] = loss, bpb
+        if sums is not None:
+            loss, scored = sums.tolist()
+            out.update({f"val_loss/{n}": loss[k] / scored[k] for k, n in enumerate(self.categories) if scored[k] > 0})
+        return out
+
     def evaluate(self, model) -> dict[str, float]:
-        """Validation loss and bits per byte, weighted over the held-out corpora by mixing weight, and
-        the train.eval_tasks scores (`lm_eval/<task>/<metric>`, `core`): every rank runs the same
-        items, so the numbers agree everywhere."""
-        out: dict[str, float] = {}
-        if self.val:
-            results = [evaluate_corpus(model, c, self.seq_len, self.micro_batch_size, self.eval_batches)
-                       for c in self.val]
-            weights = self.weights if len(results) == len(self.weights) else [1.0] * len(results)
-            total = sum(weights)
-            for key in ("loss", "bits_per_byte"):
-                out[f"val_{key}"] = sum(w * r[key] for w, r in zip(weights, results)) / total
-            if len(results) > 1:
-                for i, r in enumerate(results):
-                    out[f"val_loss_{i}"], out[f"val_bits_per_byte_{i}"] = r["loss"], r["bits_per_byte"]
+        """Validation loss and bits per byte (`_validation`) and the train.eval_tasks scores
+        (`lm_eval/<task>/<metric>`, `core`): every rank runs the same items, so the numbers agree
+        everywhere."""
+        out: dict[str, float] = self._validation(model) if self.val else {}
         if self.lm_eval is not None:
             out.update(self.lm_eval.scores(model))
         return out

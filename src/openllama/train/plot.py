@@ -1,9 +1,10 @@
 """`openllama plot RUN_DIR`: loss and throughput curves of a run as PNG, from its metrics.jsonl.
 
 Writes RUN_DIR/plots/loss.png (training loss per step, with validation loss where evaluated),
-RUN_DIR/plots/throughput.png (tokens/s per step, and MFU where known) and, when the run evaluated
+RUN_DIR/plots/throughput.png (tokens/s per step, and MFU where known), when the run evaluated
 lm-eval tasks (`train.eval_tasks`), RUN_DIR/plots/lm_eval.png: each task's accuracies and `core`,
-their average above chance.
+their average above chance, and when it logged data categories (pretraining on more than one,
+docs/data.md), RUN_DIR/plots/categories.png: train and validation loss and tokens seen per category.
 """
 
 from __future__ import annotations
@@ -64,7 +65,57 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     fig.savefig(tput_png, dpi=120)
     plt.close(fig)
     lm_png = plot_lm_eval(records, out / "lm_eval.png", run_dir.name)
-    return [loss_png, tput_png] + ([lm_png] if lm_png else [])
+    cat_png = plot_categories(records, out / "categories.png", run_dir.name)
+    return [loss_png, tput_png] + [p for p in (lm_png, cat_png) if p]
+
+
+def _category_names(records: list[dict], prefix: str) -> list[str]:
+    return sorted({k[len(prefix):] for r in records for k in r if k.startswith(prefix)})
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` points: one category's loss on one step rests on few tokens."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_categories(records: list[dict], path: Path, title: str) -> Path | None:
+    """Per data category, one colour each: train loss (`loss/<name>`, trailing mean over 10 logged
+    steps), validation loss (`val_loss/<name>`, dots) and cumulative tokens seen
+    (`tokens_seen/<name>`); None when the run logged no categories."""
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    names = sorted(set(_category_names(train, "loss/")) | set(_category_names(evals, "val_loss/"))
+                   | set(_category_names(train, "tokens_seen/")))
+    if not names:
+        return None
+    fig, (ax_loss, ax_tok) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, name in enumerate(names):
+        color = f"C{i % 10}"
+        points = [(r["step"], r[f"loss/{name}"]) for r in train if f"loss/{name}" in r]
+        if points:
+            steps, values = zip(*points)
+            ax_loss.plot(steps, _smooth(list(values), 10), lw=1, color=color, label=f"{name} (train)")
+        points = [(r["step"], r[f"val_loss/{name}"]) for r in evals if f"val_loss/{name}" in r]
+        if points:
+            ax_loss.plot(*zip(*points), "o--", ms=4, lw=1, color=color, label=f"{name} (val)")
+        points = [(r["step"], r[f"tokens_seen/{name}"]) for r in train if f"tokens_seen/{name}" in r]
+        if points:
+            ax_tok.plot(*zip(*points), lw=1.5, color=color, label=name)
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=f"{title}: loss per category")
+    ax_tok.set(xlabel="step", ylabel="tokens seen", title="tokens seen per category")
+    for ax in (ax_loss, ax_tok):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # lm-eval metrics on a 0..1 scale worth a line (perplexities and the like are not)
