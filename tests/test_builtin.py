@@ -125,7 +125,7 @@ def test_answers_are_right_by_an_independent_check():
 
 
 def test_fact_answers_match_the_facts_in_the_pretraining_text():
-    docs = [d["text"] for d in builtin.pretrain_documents(2, "train", 3000) if d["kind"] == "facts"]
+    docs = [d["text"] for d in builtin.pretrain_documents(2, "train", 3000) if d["meta"]["pile_set_name"] == "facts"]
     text = "\n".join(docs)
     for p in [q for q in problems(2, "train", 400) if q.family == "fact"]:
         name = re.match(r"(?:Where does |What pet does |What is )?(.+?)(?:'s| live| have|住|养|最|喜)",

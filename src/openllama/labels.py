@@ -76,7 +76,8 @@ class SharedPrompts:
             self.positions[r, :n], branch_ids[r, :n] = torch.tensor(pos), torch.tensor(branch)
         q, k = branch_ids[:, :, None], branch_ids[:, None, :]
         causal = torch.ones(T, T, dtype=torch.bool).tril()
-        # padding attends to itself only (a row of nothing would give NaNs that a zero weight keeps)
+        # every position attends at least to itself: a padding row that attended to nothing would
+        # give NaNs, which a zero weight does not remove from the gradient
         self.attn_mask = ((causal & ((k == -1) | (k == q))) | torch.eye(T, dtype=torch.bool))[:, None]
         L = max(lengths)
         steps = torch.arange(L)

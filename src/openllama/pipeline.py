@@ -69,7 +69,7 @@ sft:
   optim: {lr: 2.0e-3, weight_decay: 0.0, warmup_steps: 10, schedule: cosine, min_lr_ratio: 0.1}
   train: {max_steps: 300, micro_batch_size: 16, seq_len: 128, eval_batches: 8, log_every: 10,
           keep_last: 1, cpu: true}
-align: [dpo]
+align: [grpo]
 dpo:
   dpo: {beta: 0.5}
   optim: {lr: 1.0e-5, weight_decay: 0.0, warmup_steps: 5, schedule: cosine}
@@ -78,8 +78,8 @@ dpo:
 grpo:
   grpo: {group_size: 8, max_new_tokens: 12, temperature: 1.0, beta: 0.04,
          eval_prompts: 64}
-  optim: {lr: 3.0e-5, weight_decay: 0.0, warmup_steps: 2, schedule: constant}
-  train: {max_steps: 20, micro_batch_size: 8, seq_len: 128, eval_batches: 1, log_every: 5,
+  optim: {lr: 5.0e-5, weight_decay: 0.0, warmup_steps: 2, schedule: constant}
+  train: {max_steps: 40, micro_batch_size: 32, seq_len: 128, eval_batches: 1, log_every: 5,
           keep_last: 1, cpu: true}
 eval:
   split: test
@@ -109,7 +109,7 @@ class DemoConfig(Section):
     vocab_size: int = Field(2048, gt=0)
     pretrain: dict[str, Any]
     sft: dict[str, Any]
-    align: list[Literal["dpo", "grpo"]] = ["dpo"]
+    align: list[Literal["dpo", "grpo"]] = ["grpo"]
     dpo: dict[str, Any] = {}
     grpo: dict[str, Any] = {}
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -253,7 +253,7 @@ def lm_eval_args(cfg: DemoConfig, p: dict[str, Path]) -> list[str]:
 
 
 # Seconds per optimizer step of each stage at the default sizes on a quiet 2-core CPU (measured).
-SEC_PER_STEP = {"pretrain": 0.35, "sft": 0.4, "dpo": 0.35, "grpo": 2.0}
+SEC_PER_STEP = {"pretrain": 0.35, "sft": 0.4, "dpo": 0.35, "grpo": 0.6}
 
 CHAT_SCRIPT = "What is 7 + 5?\nWhich is larger, 8 or 3?\n/reset\n“猫 狗 猫”里有几个猫？\n"
 

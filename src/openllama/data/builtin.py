@@ -477,8 +477,10 @@ class CorpusConfig(Section):
 
 def pretrain_documents(seed: int, split: str, n: int, corpus: CorpusConfig | None = None,
                        tasks: TaskConfig | None = None) -> Iterator[dict]:
-    """`n` pretraining documents `{"text", "kind", "lang"}`; problems inside come from `split` only.
-    The `train` split feeds pretraining; `valid` gives the held-out text for validation loss."""
+    """`n` pretraining documents; problems inside come from `split` only. The `train` split feeds
+    pretraining; `valid` gives the held-out text for validation loss. Records are Pile-shaped,
+    `{"text", "meta": {"pile_set_name": kind, "lang"}}`, so the document kind is the data category
+    that `data prepare` / `data tokenize` keep and pretraining reports loss per."""
     corpus = corpus or CorpusConfig()
     tasks = tasks or TaskConfig()
     unknown = set(corpus.mix) - set(KINDS)
@@ -500,7 +502,7 @@ def pretrain_documents(seed: int, split: str, n: int, corpus: CorpusConfig | Non
             make = {"story": _story, "facts": _facts, "dialogue": _dialogue, "arithmetic": _arithmetic,
                     "chat": _chat}[kind]
             text = make(rng, world, lang, split, tasks)
-        yield {"text": text, "kind": kind, "lang": lang}
+        yield {"text": text, "meta": {"pile_set_name": kind, "lang": lang}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,7 +537,7 @@ def preference_row(p: Problem, rng: random.Random) -> dict:
 def write_builtin(out: str | Path, seed: int = 0, cfg: BuiltinConfig | None = None) -> dict[str, Path]:
     """Generate everything under `out`; returns name -> path:
 
-    pretrain_train / pretrain_valid: raw jsonl (`text`, `kind`, `lang`) for `openllama data prepare`
+    pretrain_train / pretrain_valid: raw Pile-shaped jsonl (`text`, `meta.pile_set_name` = kind) for `data prepare`
     sft_train / sft_valid: chat jsonl (`messages`) for `openllama sft`
     dpo_train / dpo_valid: jsonl (`prompt` messages, `chosen`, `rejected`) for `openllama dpo`
     rl_train / rl_valid: jsonl (`prompt` messages, `answer`) for `openllama grpo`
