@@ -42,28 +42,19 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    loss_png = out / "loss.png"
-    fig.savefig(loss_png, dpi=120)
-    plt.close(fig)
+    loss_png = _save(fig, [ax], out / "loss.png", legend={})
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r.get("tokens_per_s") or 0 for r in train], lw=1, color="tab:green")
     ax.set_xlabel("step")
     ax.set_ylabel("tokens/s")
-    ax.grid(alpha=0.3)
     mfu = [(r["step"], 100 * r["mfu"]) for r in train if r.get("mfu") is not None]
     if mfu:
         ax2 = ax.twinx()
         ax2.plot(*zip(*mfu), lw=1, color="tab:orange", alpha=0.6)
         ax2.set_ylabel("MFU (%)")
     ax.set_title(f"{run_dir.name}: throughput")
-    fig.tight_layout()
-    tput_png = out / "throughput.png"
-    fig.savefig(tput_png, dpi=120)
-    plt.close(fig)
+    tput_png = _save(fig, [ax], out / "throughput.png")
     lm_png = plot_lm_eval(records, out / "lm_eval.png", run_dir.name)
     cat_png = plot_categories(records, out / "categories.png", run_dir.name)
     return [loss_png, tput_png] + [p for p in (lm_png, cat_png) if p]
@@ -109,13 +100,7 @@ def plot_categories(records: list[dict], path: Path, title: str) -> Path | None:
             ax_tok.plot(*zip(*points), lw=1.5, color=color, label=name)
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title=f"{title}: loss per category")
     ax_tok.set(xlabel="step", ylabel="tokens seen", title="tokens seen per category")
-    for ax in (ax_loss, ax_tok):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, [ax_loss, ax_tok], path, legend={"fontsize": 7})
 
 
 # lm-eval metrics on a 0..1 scale worth a line (perplexities and the like are not)
@@ -143,8 +128,17 @@ def plot_lm_eval(records: list[dict], path: Path, title: str) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("score")
     ax.set_title(f"{title}: lm-eval tasks")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    return _save(fig, [ax], path, legend={"fontsize": 7})
+
+
+def _save(fig, axes, path: Path, legend: dict | None = None) -> Path:
+    """Grid (and a legend, given its options) on each axis, then the PNG; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if legend is not None:
+            ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
