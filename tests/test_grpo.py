@@ -202,3 +202,33 @@ def test_reward_model_flag_scores_samples_plus_weighted_exact_match(tmp_path, ca
     one = reward_model_fn(str(tmp_path / "rm"), template, tok, batch_size=1)(["a", "a longer reply"], rl)
     both = reward_model_fn(str(tmp_path / "rm"), template, tok)(["a", "a longer reply"], rl)
     assert both == pytest.approx(one, abs=1e-5) and one[0] != pytest.approx(one[1])
+
+
+def test_select_prompts_keeps_prompts_whose_samples_disagree(tmp_path):
+    # grpo.select_samples: a prompt whose K samples all get the same reward has zero advantage
+    # for every sample, so it is dropped before training; none left is an error
+    from openllama.chat_template import ChatTemplate
+    from openllama.errors import UserError
+    from openllama.model import load_model
+    from openllama.tokenizer import Tokenizer
+    from openllama.train.grpo import GRPOConfig, GRPOObjective, RLPrompt
+
+    start = make_start(tmp_path / "start", dim=32, n_layers=1)
+    tok = Tokenizer.load(start)
+    template = ChatTemplate.for_tokenizer(tok, tok.chat_template)
+    model = load_model(start)
+    rl = [RLPrompt([{"role": "user", "content": f"say {c}"}], c) for c in LETTERS[:8]]
+    cfg = GRPOConfig(max_new_tokens=6)
+
+    def by_length(texts, prompts):  # varies with the sample for a-d, fixed for the others
+        return [float(len(t) % 2) if p.answer in "abcd" else 1.0 for t, p in zip(texts, prompts)]
+
+    obj = GRPOObjective(list(rl), [], model, tok, template, cfg, 2, reward_fn=by_length)
+    stats = obj.select_prompts(model, samples=6)
+    kept = [p.answer for p in obj.prompts]
+    assert stats["scored"] == 8 and stats["kept"] == len(kept) > 0 and set(kept) <= set("abcd")
+    again = GRPOObjective(list(rl), [], model, tok, template, cfg, 2, reward_fn=by_length)
+    assert again.select_prompts(model, samples=6) == stats  # seeded: the same selection on resume
+    fixed = GRPOObjective(list(rl), [], model, tok, template, cfg, 2, reward_fn=lambda t, p: [1.0] * len(t))
+    with pytest.raises(UserError, match="select_samples=6: every scored prompt got the same reward"):
+        fixed.select_prompts(model, samples=6)
