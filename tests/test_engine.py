@@ -377,6 +377,17 @@ def test_category_metrics_add_up_to_the_step(cat_runs, cat_tokens):
         assert (losses * n).sum() / n.sum() == pytest.approx(r["loss"], rel=1e-6)
 
 
+def test_too_many_categories_log_none(cat_tokens, monkeypatch, capsys):
+    # a plain jsonl corpus of many part files has a category per file: past the cap, none are logged
+    from openllama.train import objectives
+
+    assert objectives.PretrainObjective(build(PretrainConfig, cat_config(cat_tokens)).data, 32, 4).tally is not None
+    monkeypatch.setattr(objectives, "MAX_LOGGED_CATEGORIES", len(CATS) - 1)
+    objective = objectives.PretrainObjective(build(PretrainConfig, cat_config(cat_tokens)).data, 32, 4)
+    assert objective.tally is None and objective.step_sums(torch.device("cpu")) is None
+    assert f"{len(CATS)} data categories" in capsys.readouterr().out
+
+
 def test_validation_loss_per_category_is_token_weighted(cat_runs, cat_tokens):
     from openllama.data.packing import eval_batches
 

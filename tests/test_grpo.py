@@ -82,6 +82,12 @@ def test_shared_prompt_rows_equal_one_row_per_completion():
         assert torch.allclose(q.grad, g, atol=1e-5)
     # the prompt is computed once: 3 + 3 x 1 + 9 completion tokens, not 3 x 4 + 9
     assert shared.num_tokens == (3 + 3 + 9) + (1 + 3 + 6)
+    # long completions: one row per completion (plain causal, no mask) gives the same numbers
+    separate = SharedPrompts(prompts, completions, pad_id=0, separate=True)
+    assert separate.attn_mask is None and separate.tokens.shape[0] == 6
+    assert torch.allclose(separate.logprobs(model).detach(), want, atol=1e-5)
+    assert SharedPrompts.pays([[1] * 20], [[[2] * 6] * 8], dim=128)  # the demo: 75 tokens, not 208
+    assert not SharedPrompts.pays([[1] * 20], [[[2] * 256] * 8], dim=128)  # one 2,075-token row loses
 
 
 def test_grpo_refuses_fsdp2_and_format(tmp_path, capsys):
@@ -232,3 +238,13 @@ def test_select_prompts_keeps_prompts_whose_samples_disagree(tmp_path):
     fixed = GRPOObjective(list(rl), [], model, tok, template, cfg, 2, reward_fn=lambda t, p: [1.0] * len(t))
     with pytest.raises(UserError, match="select_samples=6: every scored prompt got the same reward"):
         fixed.select_prompts(model, samples=6)
+
+
+def test_runs_written_with_the_old_reward_key_still_load():
+    # config.yaml of a run from before grpo.reward_model has `grpo.reward: exact_match | DIR`
+    from openllama.train.grpo import GRPOConfig
+
+    assert GRPOConfig.model_validate({"reward": "exact_match"}).reward_model == ""
+    assert GRPOConfig.model_validate({"reward": "runs/rm"}).reward_model == "runs/rm"
+    with pytest.raises(Exception, match="rewards"):
+        GRPOConfig.model_validate({"rewards": "runs/rm"})  # anything else unknown is still refused

@@ -264,6 +264,15 @@ def test_category_weights_give_each_category_its_token_share(tmp_path):
     # weight 0 leaves a category out
     parts, shares = split_by_category([a, b], {**weights, "zh": 0.0})
     assert {names_of(p) for p in parts} == {"Pile-CC", "Wikipedia (en)"}
+    # a directory's slice of a category under one window is left out (its share goes to the rest);
+    # a category with no slice that large is an error naming it
+    sizes = sorted((n, name) for c in (a, b) for name, n in c.category_tokens().items())
+    (smallest, name), (second, _) = sizes[:2]
+    assert smallest < second and sum(1 for _, k in sizes if k == name) == 2  # its other slice stays
+    parts, shares = split_by_category([a, b], weights, min_tokens=smallest + 1)
+    assert len(parts) == 5 and sum(shares) == pytest.approx(4.0)
+    with pytest.raises(UserError, match=r"data.category_weights.Pile-CC: no training directory holds"):
+        split_by_category([a, b], weights, min_tokens=10**9)
 
 
 def names_of(corpus: TokenCorpus) -> str:

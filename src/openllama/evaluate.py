@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,16 +29,24 @@ from .labels import IGNORE_INDEX
 
 
 @torch.no_grad()
-def language_model_loss(model: torch.nn.Module, batches, device: torch.device | str | None = None) -> tuple[float, int]:
+def language_model_loss(model: torch.nn.Module, batches, device: torch.device | str | None = None,
+                        per_token: Callable[[dict, torch.Tensor, torch.Tensor], None] | None = None) -> tuple[float, int]:
     """(mean loss in nats per predicted token, number of predicted tokens) over `batches`, through
-    the same fused `forward(targets=)` as training (the (B, T, vocab) logits never exist)."""
+    the same fused `forward(targets=)` as training (the (B, T, vocab) logits never exist).
+    `per_token(batch, targets, losses)` gets each batch's per-target losses (flat, 0 where a target
+    is not scored) from the same pass (e.g. validation loss per data category)."""
     device = device or next(model.parameters()).device
     total, count = 0.0, 0
     for batch in batches:
         targets = batch["targets"].to(device)
+        extra = {}
+        if per_token is not None:
+            extra["row_losses"] = torch.empty(targets.numel(), dtype=torch.float32, device=device)
         total += float(model(batch["tokens"].to(device), doc_ids=batch["doc_ids"].to(device), targets=targets,
-                             ignore_index=IGNORE_INDEX, reduction="sum"))
+                             ignore_index=IGNORE_INDEX, reduction="sum", **extra))
         count += int((targets != IGNORE_INDEX).sum())
+        if per_token is not None:
+            per_token(batch, targets, extra["row_losses"])
     return (total / count if count else float("nan")), count
 
 

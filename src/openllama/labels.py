@@ -44,14 +44,21 @@ class SharedPrompts:
     prompt's activations take the gradients of all its completions, as they would summed over
     separate rows. Repeating the last prompt token is what lets each branch predict its own first
     token. GRPO's 8 samples of a ~20-token prompt with ~6-token answers: 8 x 26 = 208 tokens as
-    separate rows, 19 + 8 x 7 = 75 here.
+    separate rows, 19 + 8 x 7 = 75 here. The price is a dense mask and attention over the whole
+    row: with long completions (8 x 256 after a 20-token prompt) one 2,075-token row costs more
+    than 8 rows of 276, so `separate=True` (see `pays`) gives each completion its own plain causal
+    row instead, with the same outputs.
 
     `gather(per_token)` maps a (R, T) result (e.g. `token_logprobs`) to (N, L): completion i's
     tokens in order (N = all completions, prompt-major; L = the longest), zero past its end;
     `mask` (N, L) marks real tokens.
     """
 
-    def __init__(self, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int = 0):
+    def __init__(self, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int = 0,
+                 separate: bool = False):
+        if separate:  # one row per completion: the plain causal layout (no positions, no mask)
+            prompts = [p for p, branches in zip(prompts, completions) for _ in branches]
+            completions = [[c] for branches in completions for c in branches]
         rows, index, lengths = [], [], []
         for prompt, branches in zip(prompts, completions):
             tokens, labels, pos, branch = list(prompt[:-1]), [IGNORE_INDEX] * (len(prompt) - 1), \
@@ -85,10 +92,25 @@ class SharedPrompts:
         flat = torch.tensor([r * T + s for r, s in index])[:, None] + steps[None, :]
         self._flat = torch.where(self.mask, flat, 0)
         self.num_tokens = sum(len(r[0]) for r in rows)
+        if separate:
+            self.positions = self.attn_mask = None
+
+    @staticmethod
+    def pays(prompts: list[list[int]], completions: list[list[list[int]]], dim: int) -> bool:
+        """Whether shared rows cost less than separate ones, by the forward's FLOPs per row of T
+        tokens: ~24 dim^2 T for the projections (and more for the output layer) + 4 dim T^2 for
+        attention, i.e. proportional to 6 dim T + T^2."""
+        def cost(T: int) -> int:
+            return 6 * dim * T + T * T
+
+        shared = sum(cost(len(p) - 1 + sum(len(c) + 1 for c in cs)) for p, cs in zip(prompts, completions))
+        separate = sum(cost(len(p) + len(c)) for p, cs in zip(prompts, completions) for c in cs)
+        return shared < separate
 
     def to(self, device) -> "SharedPrompts":
         for name in ("tokens", "labels", "positions", "attn_mask", "mask", "_flat"):
-            setattr(self, name, getattr(self, name).to(device))
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         return self
 
     def logprobs(self, model: torch.nn.Module) -> torch.Tensor:

@@ -400,6 +400,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         chunk_bytes = 2**26 if h.device.type == "cpu" else 2**28
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if row_losses is not None and reduction == "none":
+        raise ValueError("row_losses is for reduction 'mean' / 'sum'; 'none' returns the per-row losses")
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
         h, w = h.to(dtype), weight.to(dtype)

@@ -227,22 +227,25 @@ def category_ids(corpus: TokenCorpus, categories: list[str]) -> np.ndarray:
     return np.array([index[n] for n in corpus.categories], np.int64)[corpus.doc_category]
 
 
-def split_by_category(corpora: list[TokenCorpus], weights: dict[str, float]) -> tuple[list[TokenCorpus], list[float]]:
+def split_by_category(corpora: list[TokenCorpus], weights: dict[str, float],
+                      min_tokens: int = 0) -> tuple[list[TokenCorpus], list[float]]:
     """One corpus per (corpus, category) for mixing by category: category k gets the share
     w_k / sum(w) of the samples, spread over the corpora holding it in proportion to their tokens.
-    Categories with weight 0 (or none given) are left out."""
+    Categories with weight 0 (or none given) are left out, and so is a corpus's part of a category
+    smaller than `min_tokens` (one window: it could not be sampled) when other corpora hold more
+    of it; a category with no part that large is an error."""
+    kept = [(c, k, name, n) for c in corpora for name, n in c.category_tokens().items()
+            for k in [c.categories.index(name)] if weights.get(name, 0) > 0 and n >= min_tokens]
     totals: dict[str, int] = {}
-    for c in corpora:
-        for name, n in c.category_tokens().items():
-            totals[name] = totals.get(name, 0) + n
-    parts, shares = [], []
-    for c in corpora:
-        present = c.category_tokens()
-        for k, name in enumerate(c.categories):
-            if name in present and weights.get(name, 0) > 0:
-                parts.append(c.subset(np.flatnonzero(c.doc_category == k), f"{c.label} [{name}]"))
-                shares.append(weights[name] * present[name] / totals[name])
-    return parts, shares
+    for _, _, name, n in kept:
+        totals[name] = totals.get(name, 0) + n
+    short = sorted({name for c in corpora for name in c.category_tokens()
+                    if weights.get(name, 0) > 0 and name not in totals})
+    if short:
+        raise UserError(f"data.category_weights.{short[0]}: no training directory holds {min_tokens} tokens "
+                        f"of it (one window); give it weight 0 or shorten train.seq_len")
+    parts = [c.subset(np.flatnonzero(c.doc_category == k), f"{c.label} [{name}]") for c, k, name, _ in kept]
+    return parts, [weights[name] * n / totals[name] for _, _, name, n in kept]
 
 
 def eval_batches(corpus: TokenCorpus, seq_len: int, batch_size: int, max_batches: int | None = None,

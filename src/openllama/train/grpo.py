@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..chat_template import ChatTemplate
 from ..config import Section
@@ -38,7 +38,7 @@ from ..errors import UserError
 from ..labels import SharedPrompts
 from ..tasks import is_correct
 from .engine import OptimConfig, TrainConfig
-from .lora import LoraConfig, LoraLlama
+from .lora import LoraConfig, LoraLlama, base_llama
 from .objectives import Objective
 from .reward_model import load_reward_model, reward_model_dir
 from .stage import is_main, load_start, read_files, run_stage, run_template, split_held_out, stage_command
@@ -62,7 +62,18 @@ class GRPOConfig(Section):
     # train only on prompts whose rewards differ (neither always right nor always wrong): the others
     # have zero group-normalised advantage, so they cost a step and teach nothing
     select_samples: int = 0
-    select_pool: int = 0  # prompts scored for that selection (0: all), taken in a seeded shuffle
+    select_pool: int = 0  # score (and train on) only this many prompts, a seeded shuffle's first (0: all)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_reward(cls, data: Any) -> Any:
+        # `reward: exact_match | DIR` before it became reward_model: old runs' config.yaml still resume
+        if isinstance(data, dict) and "reward" in data:
+            data = dict(data)
+            old = data.pop("reward")
+            if old != "exact_match":
+                data.setdefault("reward_model", old)
+        return data
 
 
 @dataclass
@@ -162,7 +173,7 @@ class GRPOObjective(Objective):
         self.prompts = [p for p in prompts if len(p.ids) <= cfg.max_prompt_len]
         self.held_out = held_out[:cfg.eval_prompts]
         self.reference = copy.deepcopy(reference).eval().requires_grad_(False)
-        self.reward_model = reward_model  # loaded on the device it scores on (setup, select_prompts)
+        self.reward_model = reward_model  # loaded by setup on the training device (select_prompts: the model's)
         weight = cfg.exact_match if cfg.exact_match is not None else (0.0 if reward_model else 1.0)
         self.verifiable = reward_fn or weighted(exact_match_reward, weight)
         self.reward_fn = self.verifiable if not reward_model else None
@@ -185,7 +196,6 @@ class GRPOObjective(Objective):
 
     def _sample(self, model, prompts: Sequence[RLPrompt], n: int, temperature: float, seed: int):
         from ..generate import Generator, SamplingParams
-        from .lora import base_llama
 
         policy = getattr(model, "module", model)  # DDP; peft models forward attributes to the Llama
         was = policy.training
@@ -210,22 +220,27 @@ class GRPOObjective(Objective):
         device = next(model.parameters()).device
         adv = group_advantages(rewards, G)
         adv = torch.where(adv < 0, adv * self.cfg.negative_scale, adv).to(device)
-        # one row per prompt, its G completions as branches (the prompt computed once, not G times)
-        rows = SharedPrompts([p.ids for p in prompts], [[c.token_ids for c in completions[i * G:(i + 1) * G]]
-                                                        for i in range(len(prompts))], self.pad_id).to(device)
+        # one row per prompt, its G completions as branches (the prompt computed once, not G times),
+        # unless the completions are so long that attention over one long row costs more
+        ids = [p.ids for p in prompts]
+        groups = [[c.token_ids for c in completions[i * G:(i + 1) * G]] for i in range(len(prompts))]
+        separate = not SharedPrompts.pays(ids, groups, base_llama(model).cfg.dim)
+        rows = SharedPrompts(ids, groups, self.pad_id, separate=separate).to(device)
         logp = rows.logprobs(model)
         with torch.no_grad():
             ref_logp = rows.logprobs(self.reference)
         loss, metrics = grpo_loss(logp, logp.detach(), ref_logp, rows.mask, adv, self.cfg.clip_eps, self.cfg.beta)
         metrics.update(reward_mean=rewards.mean().item(), reward_std=rewards.std(unbiased=False).item(),
                        completion_len=float(rows.mask.sum(-1).float().mean().item()))
-        # tokens the model processed: each prompt once, its completions, padding left out
+        # tokens the model processed, padding left out (shared rows: each prompt once, plus its last
+        # token again per completion)
         return loss, metrics, rows.num_tokens
 
     @torch.no_grad()
     def select_prompts(self, model, samples: int, pool: int = 0, chunk: int = 32) -> dict[str, Any]:
-        """Keep the training prompts whose `samples` sampled rewards under `model` differ; returns
-        how many were scored and kept, and the mean pass rate before and after."""
+        """Keep the training prompts whose `samples` sampled rewards under `model` differ (of the
+        first `pool` of a seeded shuffle, 0: all; the rest are not trained on); returns how many
+        were scored and kept, and the mean pass rate before and after."""
         if self.reward_fn is None:
             self._load_reward(next(model.parameters()).device)
         order = list(range(len(self.prompts)))

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from ..config import Section
 from ..data.packing import PackedBatches, TokenCorpus, eval_batches, split_by_category
 from ..errors import UserError
-from ..evaluate import bits_per_byte
+from ..evaluate import bits_per_byte, language_model_loss
 from ..labels import IGNORE_INDEX
 from .metrics import CategoryTally
 
@@ -141,6 +141,11 @@ def check_token_dir(path: str | Path, key: str, verify_sha256: bool | None = Non
                         f"at {tok_dir} is {found[:12]}; re-run `openllama data tokenize` or restore the tokenizer")
 
 
+# Beyond this many categories per-category metrics are left out: a plain jsonl corpus of 1,000 part
+# files has one category per file stem, which would put 2,000 keys in every metrics line.
+MAX_LOGGED_CATEGORIES = 64
+
+
 def check_category_weights(data: PretrainData, corpora: list[TokenCorpus]) -> None:
     """data.category_weights against the categories the training documents have: each named one
     exists, each present one has a weight, some weight is positive, directory weights stay 1."""
@@ -177,11 +182,15 @@ class PretrainObjective(Objective):
         self.weights = [s.weight for s in data.train]
         self.corpora, self.val = self._load_corpora(data, seq_len, vocab_size)
         self.categories = sorted({n for c in self.corpora + self.val for n in c.categories})
-        self.tally = CategoryTally(self.categories) if len(self.categories) > 1 else None
+        self.tally = CategoryTally(self.categories) if 1 < len(self.categories) <= MAX_LOGGED_CATEGORIES else None
+        if len(self.categories) > MAX_LOGGED_CATEGORIES:
+            print(f"pretrain: {len(self.categories)} data categories (e.g. one per input file of a plain "
+                  f"jsonl corpus): more than {MAX_LOGGED_CATEGORIES}, so no per-category metrics are logged")
         self.streams, self.stream_weights = self.corpora, self.weights
         if data.category_weights:
             check_category_weights(data, self.corpora)
-            self.streams, self.stream_weights = split_by_category(self.corpora, data.category_weights)
+            self.streams, self.stream_weights = split_by_category(self.corpora, data.category_weights,
+                                                                  min_tokens=seq_len + 1)
         self.tokenizer_dir = tokenizer_dir_of(data.train[0].path)
         for i, source in enumerate(data.train):
             check_token_dir(source.path, f"data.train[{i}].path", data.verify_sha256)
@@ -260,23 +269,17 @@ class PretrainObjective(Objective):
 
     @torch.no_grad()
     def _held_out(self, model, corpus: TokenCorpus, sums: torch.Tensor | None) -> tuple[float, int]:
-        """(summed loss, scored targets) on a held-out corpus, through the fused loss with
-        reduction="sum" (the numbers `openllama evaluate` gives); its per-token losses go into
-        `sums` ((2, K + 1): loss and scored targets per category, bin K unscored)."""
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        for batch in eval_batches(corpus, self.seq_len, self.micro_batch_size, self.eval_batches, self.categories):
-            targets = batch["targets"].to(device)
-            rows = torch.empty(targets.numel(), dtype=torch.float32, device=device) if sums is not None else None
-            total += float(model(batch["tokens"].to(device), doc_ids=batch["doc_ids"].to(device), targets=targets,
-                                 ignore_index=IGNORE_INDEX, reduction="sum", row_losses=rows))
+        """(mean loss, scored targets) on a held-out corpus, as `openllama evaluate` computes it; its
+        per-token losses go into `sums` ((2, K + 1): loss and scored targets per category, bin K
+        unscored)."""
+        def per_category(batch: dict, targets: torch.Tensor, rows: torch.Tensor) -> None:
             valid = targets.reshape(-1) != IGNORE_INDEX
-            count += int(valid.sum())
-            if sums is not None:
-                scored = torch.where(valid, batch["category"].to(device).reshape(-1), len(self.categories))
-                sums[0].index_add_(0, scored, rows.double())
-                sums[1].index_add_(0, scored, torch.ones_like(rows, dtype=torch.float64))
-        return total, count
+            scored = torch.where(valid, batch["category"].to(rows.device).reshape(-1), len(self.categories))
+            sums[0].index_add_(0, scored, rows.double())
+            sums[1].index_add_(0, scored, torch.ones_like(rows, dtype=torch.float64))
+
+        batches = eval_batches(corpus, self.seq_len, self.micro_batch_size, self.eval_batches, self.categories)
+        return language_model_loss(model, batches, per_token=per_category if sums is not None else None)
 
     def _validation(self, model) -> dict[str, float]:
         """val_loss / val_bits_per_byte weighted over the held-out corpora by mixing weight (and each
@@ -285,8 +288,7 @@ class PretrainObjective(Objective):
         sums = torch.zeros(2, len(self.categories) + 1, dtype=torch.float64, device=device) if self.tally else None
         losses, bpbs = [], []
         for corpus in self.val:
-            total, count = self._held_out(model, corpus, sums)
-            losses.append(total / count if count else float("nan"))
+            losses.append(self._held_out(model, corpus, sums)[0])
             bpbs.append(bits_per_byte(losses[-1], corpus.tokens_per_byte))
         weights = self.weights if len(losses) == len(self.weights) else [1.0] * len(losses)
         out = {"val_loss": sum(w * x for w, x in zip(weights, losses)) / sum(weights),
